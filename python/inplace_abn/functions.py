@@ -1,0 +1,356 @@
+"""Functional In-Place ABN: argument checks, autograd, and running-statistics updates.
+
+The forward overwrites x with y = act(BatchNorm(x)) and keeps only y (plus per-channel vectors)
+for backward, which recovers the normalized input by inverting the activation and the affine
+step. "relu" (and leaky_relu / elu with activation_param=0) is not invertible where y = 0: for it
+the pre-activation is kept as well, so gradients stay exact but no memory is saved.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as distributed
+from torch.autograd.function import once_differentiable
+
+from . import ops
+from ._sync import LocalReduction, Reduction, reduction_for_group
+
+__all__ = ["inplace_abn", "inplace_abn_sync", "ACTIVATIONS"]
+
+ACTIVATIONS = ("leaky_relu", "elu", "identity", "relu")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def native_activation(activation: str, activation_param: float) -> str:
+    """The kernels' activation: leaky_relu / elu with parameter 0 are ReLU, which is not invertible."""
+    if activation in ("leaky_relu", "elu") and activation_param == 0:
+        return "relu"
+    return activation
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_activation(activation: Any, activation_param: Any) -> None:
+    """Raises ValueError unless `activation` is supported and `activation_param` is a finite number >= 0."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
+    if isinstance(activation_param, bool) or not isinstance(activation_param, (int, float)):
+        raise ValueError(f"activation_param must be a number, got {type(activation_param).__name__}")
+    if not math.isfinite(activation_param) or activation_param < 0:
+        raise ValueError(
+            f"activation_param must be a finite number >= 0 (the negative slope of leaky_relu or the alpha of elu), "
+            f"got {activation_param}"
+        )
+
+
+def _check_arguments(
+    x: Any,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: Any,
+    eps: Any,
+    activation: Any,
+    activation_param: Any,
+    min_values_per_channel: int,
+) -> None:
+    """Every check happens before x is touched, so a failed call leaves its input unmodified."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"inplace_abn expects a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"inplace_abn expects an input of shape (N, C, *) with at least 2 dimensions, got shape {_shape(x)}"
+        )
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"inplace_abn supports float32, float64, float16 and bfloat16 inputs, got {x.dtype}")
+    check_activation(activation, activation_param)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    channels = x.size(1)
+    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if v is None:
+            continue
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(v).__name__}")
+        if v.dim() != 1 or v.numel() != channels:
+            raise ValueError(
+                f"{name} has shape {_shape(v)} but the input has {channels} channels (input shape {_shape(x)}): "
+                f"expected {name} of shape ({channels},)"
+            )
+        if v.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float tensor, got {v.dtype}")
+        if v.device != x.device:
+            raise ValueError(f"{name} is on {v.device} but the input is on {x.device}: move them to the same device")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    if not training and running_mean is None:
+        raise ValueError(
+            "training=False normalizes with the running statistics, but running_mean and running_var are None"
+        )
+    if training and running_mean is not None:
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not math.isfinite(momentum):
+            raise ValueError(f"momentum must be a finite number when updating running statistics, got {momentum!r}")
+    if any(size > 1 and stride == 0 for size, stride in zip(x.shape, x.stride())):
+        raise ValueError("the input has overlapping memory (an expanded tensor) and cannot be written in place: "
+                         "pass x.contiguous()")
+    if training:
+        values = x.numel() // channels if channels else 0
+        if values < min_values_per_channel:
+            raise ValueError(
+                f"inplace_abn is trying to compute batch statistics, but the input of shape {_shape(x)} has "
+                f"{values} value(s) per channel: training needs more than one"
+            )
+    if torch.is_grad_enabled() and x.requires_grad and x.is_leaf:
+        raise RuntimeError(
+            "inplace_abn overwrites its input, but the input is a leaf tensor that requires grad, whose value "
+            "autograd must keep: pass a non-leaf tensor (e.g. the output of the previous layer), x.clone(), "
+            "or use ABN, which is not in place"
+        )
+
+
+def _kernel_layout(t: torch.Tensor) -> bool:
+    """Layouts the kernels walk directly: contiguous (NCHW) or channels innermost (NHWC)."""
+    return t.is_contiguous() or t.movedim(1, -1).is_contiguous()
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return all(size <= 1 or sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def _update_running_stats(
+    running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, count: int,
+    momentum: float,
+) -> None:
+    """EMA of the batch mean and of the unbiased batch variance (global count)."""
+    unbiased = var * (count / (count - 1))
+    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str,
+    activation_param: float,
+    reduction: Reduction,
+    keep_preact: bool,
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+    """Normalizes x in place. Returns (what backward keeps, variance used, count, preact)."""
+    work = x if _kernel_layout(x) else x.contiguous()
+    count = x.numel() // x.size(1)
+    if training:
+        mean, var = ops.statistics(work)
+        mean, var, count = reduction.statistics(mean, var, count)
+        if running_mean is not None and running_var is not None:
+            _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    else:
+        assert running_mean is not None and running_var is not None
+        mean, var = running_mean, running_var
+    native = native_activation(activation, activation_param)
+    preact = torch.empty_like(work) if native == "relu" and keep_preact else None
+    ops.normalize_act_(work, mean, var, weight, bias, eps, native, activation_param, preact)
+    if work is not x:
+        x.copy_(work)
+    return (preact if preact is not None else x), var, count, preact
+
+
+class _InPlaceABN(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        activation: str,
+        activation_param: float,
+        reduction: Reduction,
+    ) -> torch.Tensor:
+        kept, var, count, _ = _forward(
+            x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param,
+            reduction, keep_preact=True,
+        )
+        ctx.training = training
+        ctx.eps = eps
+        ctx.activation = native_activation(activation, activation_param)
+        ctx.activation_param = activation_param
+        ctx.count = count
+        ctx.reduction = reduction
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(kept, var, weight, bias)
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        kept, var, weight, bias = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if not _kernel_layout(kept):
+            kept = kept.contiguous()
+        if not _same_strides(dy, kept):
+            dy = torch.empty_like(kept).copy_(dy)
+        param = ctx.activation_param if ctx.activation != "relu" else 0.0
+        sum_dz = sum_dz_xhat = None
+        if need_weight or need_bias or (need_x and ctx.training):
+            sum_dz, sum_dz_xhat = ops.backward_reduce(kept, dy, weight, bias, ctx.eps, ctx.activation, param)
+        dx = None
+        if need_x:
+            if ctx.training:
+                assert sum_dz is not None and sum_dz_xhat is not None
+                global_dz, global_dz_xhat = ctx.reduction.sums(sum_dz, sum_dz_xhat)
+            else:
+                global_dz = global_dz_xhat = None
+            dx = ops.backward_input(
+                kept, dy, var, weight, bias, global_dz, global_dz_xhat, ctx.count, ctx.eps, ctx.activation, param
+            )
+        dweight = dbias = None
+        if need_weight and weight is not None and sum_dz_xhat is not None:
+            # d|w|/dw = sign(w); the original library uses +1 at w = 0.
+            dweight = torch.where(weight < 0, -sum_dz_xhat, sum_dz_xhat).to(weight.dtype)
+        if need_bias and bias is not None and sum_dz is not None:
+            dbias = sum_dz.to(bias.dtype)
+        return (dx, dweight, dbias) + (None,) * 8
+
+
+def _apply(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str,
+    activation_param: float,
+    reduction: Reduction,
+) -> torch.Tensor:
+    if native_activation(activation, activation_param) == "relu":
+        what = "activation='relu'" if activation == "relu" else f"activation={activation!r} with activation_param=0"
+        _warn_once(
+            "relu",
+            f"inplace_abn with {what} is ReLU, which is not invertible: the layer keeps its pre-activation for "
+            "backward and saves no memory. Use leaky_relu with a small positive slope (e.g. 0.01) for the saving.",
+        )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )
+    if needs_grad:
+        return _InPlaceABN.apply(
+            x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param,
+            reduction,
+        )
+    with torch.no_grad():
+        _forward(
+            x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param,
+            reduction, keep_preact=False,
+        )
+    # The kernels write through the dispatcher without autograd's bookkeeping: bump the version so a
+    # tensor that autograd saved earlier is known to be overwritten.
+    torch.autograd.graph.increment_version(x)
+    return x
+
+
+def inplace_abn(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-05,
+    activation: str = "leaky_relu",
+    activation_param: float = 0.01,
+) -> torch.Tensor:
+    """In-Place Activated Batch Normalization: x <- act((|weight| + eps) * (x - mu) / sqrt(var + eps) + bias).
+
+    Args:
+        x: input of shape (N, C, *), overwritten with the result (which is also returned).
+        weight: affine scale of shape (C,), or None; the effective scale is |weight| + eps.
+        bias: affine shift of shape (C,), or None.
+        running_mean: running mean of shape (C,), or None.
+        running_var: running (unbiased) variance of shape (C,), or None.
+        training: if True, normalize with the batch statistics (and update the running ones when
+            given); otherwise with running_mean / running_var.
+        momentum: weight of the current batch in the running statistics update.
+        eps: added to the variance, and to |weight|.
+        activation: "leaky_relu", "elu", "identity" or "relu".
+        activation_param: negative slope of leaky_relu, or alpha of elu (>= 0). With 0 (and for
+            "relu") gradients stay exact but the layer keeps its pre-activation: no memory saving.
+
+    Returns:
+        x, holding the result.
+    """
+    _check_arguments(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param,
+        min_values_per_channel=2,
+    )
+    return _apply(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param,
+        LocalReduction(),
+    )
+
+
+def inplace_abn_sync(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-05,
+    activation: str = "leaky_relu",
+    activation_param: float = 0.01,
+    group: Any = None,
+) -> torch.Tensor:
+    """In-Place ABN with batch statistics synchronized across the processes of `group`.
+
+    Every process of the group must call it (inputs may differ in batch size). Arguments are those
+    of `inplace_abn`, plus `group`: the torch.distributed process group, None for the default one.
+    Without an initialized process group it runs unsynchronized, with a warning.
+    """
+    synchronized = training and distributed.is_available() and distributed.is_initialized()
+    _check_arguments(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param,
+        min_values_per_channel=0 if synchronized else 2,
+    )
+    if synchronized:
+        reduction: Reduction = reduction_for_group(group)
+    else:
+        if training:
+            _warn_once(
+                "sync",
+                "inplace_abn_sync is called but torch.distributed is not initialized: running unsynchronized "
+                "(like inplace_abn)",
+            )
+        reduction = LocalReduction()
+    return _apply(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param, reduction
+    )

@@ -1,0 +1,114 @@
+"""The four In-Place ABN operators: one typed wrapper each, its fake kernel beside it.
+
+Each wrapper runs the native kernel for the tensor's device when the native library for that
+device is loaded, and the pure-PyTorch reference (same math, see reference.py) otherwise.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from . import _native, reference
+
+__all__ = ["statistics", "normalize_act_", "backward_reduce", "backward_input", "uses_native"]
+
+
+def uses_native(device: torch.device) -> bool:
+    """Whether tensors on `device` run the native kernels (else the reference implementation)."""
+    return _native.has_kernels_for(device.type)
+
+
+def _impl(t: torch.Tensor) -> types.ModuleType | object:
+    return torch.ops.inplace_abn if uses_native(t.device) else reference
+
+
+def _register_fake(name: str):
+    """Registers a fake (meta) kernel for torch.compile, when the native operator exists."""
+
+    def wrap(fn):
+        if _native.has_kernels_for("cpu"):
+            torch.library.register_fake(f"inplace_abn::{name}")(fn)
+        return fn
+
+    return wrap
+
+
+def statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of a (N, C, *) tensor (float64 for float64, else float32)."""
+    return _impl(x).statistics(x)
+
+
+@_register_fake("statistics")
+def _statistics_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = reference.accumulate_dtype(x.dtype)
+    return x.new_empty(x.size(1), dtype=acc), x.new_empty(x.size(1), dtype=acc)
+
+
+def normalize_act_(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str,
+    activation_param: float,
+    preact: torch.Tensor | None,
+) -> None:
+    """x <- act((|w| + eps) * (x - mean) / sqrt(var + eps) + b), in place.
+
+    `preact` (same shape and strides as x), for "relu" only, receives the pre-activation that
+    the backward operators need in place of y (relu is not invertible).
+    """
+    _impl(x).normalize_act_(x, mean, var, weight, bias, eps, activation, activation_param, preact)
+
+
+@_register_fake("normalize_act_")
+def _normalize_act_fake(x, mean, var, weight, bias, eps, activation, activation_param, preact) -> None:
+    return None
+
+
+def backward_reduce(
+    y: torch.Tensor,
+    dy: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel sum(dz) and sum(dz * xhat) from the output y (the pre-activation for "relu")."""
+    return _impl(y).backward_reduce(y, dy, weight, bias, eps, activation, activation_param)
+
+
+@_register_fake("backward_reduce")
+def _backward_reduce_fake(y, dy, weight, bias, eps, activation, activation_param):
+    acc = reference.accumulate_dtype(y.dtype)
+    return y.new_empty(y.size(1), dtype=acc), y.new_empty(y.size(1), dtype=acc)
+
+
+def backward_input(
+    y: torch.Tensor,
+    dy: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    sum_dz: torch.Tensor | None,
+    sum_dz_xhat: torch.Tensor | None,
+    count: int,
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> torch.Tensor:
+    """Input gradient, laid out like y. Without sum_dz / sum_dz_xhat (eval mode) the statistics
+    are constants; `count` is the number of values per channel the statistics were taken over."""
+    return _impl(y).backward_input(
+        y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count, eps, activation, activation_param
+    )
+
+
+@_register_fake("backward_input")
+def _backward_input_fake(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count, eps, activation, activation_param):
+    return torch.empty_like(y)

@@ -1,0 +1,196 @@
+// Per-channel formulas of In-Place Activated BatchNorm, shared by the CPU and CUDA kernels.
+//
+// Notation (per channel, n = number of values per channel):
+//   s = |w| + eps (effective scale: keeps the affine step invertible), b = bias
+//   invstd = 1 / sqrt(var + eps)
+//   forward:  z = s * (x - mean) * invstd + b,   y = act(z)
+//   backward: z = act^-1(y), dz = dy * act'(z), xhat = (z - b) / s
+//             S1 = sum(dz), S2 = sum(dz * xhat)
+//             dx = s * invstd * (dz - S1 / n - xhat * S2 / n)   (training)
+//             dx = s * invstd * dz                              (eval: running stats)
+//             dweight = sign(w) * S2, dbias = S1
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define ABN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define ABN_HOST_DEVICE inline
+#endif
+
+namespace inplace_abn {
+
+// Float and double overloads, on host and (through CUDA's <cmath> wrappers) on device.
+using std::expm1;
+using std::log;
+using std::sqrt;
+
+// Accumulation type: float for float and the 16-bit types, double for double.
+template <typename T>
+struct AccumulateType {
+  using type = float;
+};
+template <>
+struct AccumulateType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_type = typename AccumulateType<T>::type;
+
+enum class Activation : int { Identity = 0, LeakyRelu = 1, Elu = 2, Relu = 3 };
+
+// The activation parameter with its reciprocal precomputed (slope of leaky_relu, alpha of elu).
+template <typename acc>
+struct ActivationParam {
+  acc p;
+  acc inv_p;
+};
+
+// act(z) and the recovery of (z, dz) from what backward keeps. For Identity, LeakyRelu and Elu
+// backward keeps the output y and inverts the activation. Relu (leaky_relu with slope 0, or elu
+// with alpha 0) loses z where y = 0, so backward keeps the pre-activation z instead.
+template <Activation act>
+struct ActivationOps;
+
+template <>
+struct ActivationOps<Activation::Identity> {
+  template <typename acc>
+  static ABN_HOST_DEVICE acc forward(acc z, ActivationParam<acc>) {
+    return z;
+  }
+  template <typename acc>
+  static ABN_HOST_DEVICE void recover(acc y, acc dy, ActivationParam<acc>, acc& z, acc& dz) {
+    z = y;
+    dz = dy;
+  }
+};
+
+template <>
+struct ActivationOps<Activation::LeakyRelu> {
+  template <typename acc>
+  // Written as multiplications by a selected factor: branch-free, so loops vectorize.
+  static ABN_HOST_DEVICE acc forward(acc z, ActivationParam<acc> a) {
+    return z * (z > acc(0) ? acc(1) : a.p);
+  }
+  template <typename acc>
+  static ABN_HOST_DEVICE void recover(acc y, acc dy, ActivationParam<acc> a, acc& z, acc& dz) {
+    const bool positive = y > acc(0);
+    z = y * (positive ? acc(1) : a.inv_p);
+    dz = dy * (positive ? acc(1) : a.p);
+  }
+};
+
+template <>
+struct ActivationOps<Activation::Elu> {
+  template <typename acc>
+  static ABN_HOST_DEVICE acc forward(acc z, ActivationParam<acc> a) {
+    return z > acc(0) ? z : a.p * expm1(z);
+  }
+  // y = alpha * (exp(z) - 1) for z <= 0, so exp(z) = 1 + y / alpha and act'(z) = y + alpha.
+  // 1 + y / alpha is clamped away from 0: outputs that rounded to -alpha give a large negative
+  // but finite z instead of -inf (their dz is ~0 anyway).
+  template <typename acc>
+  static ABN_HOST_DEVICE void recover(acc y, acc dy, ActivationParam<acc> a, acc& z, acc& dz) {
+    if (y > acc(0)) {
+      z = y;
+      dz = dy;
+    } else {
+      const acc ratio = acc(1) + y * a.inv_p;
+      const acc floor = std::numeric_limits<acc>::epsilon();
+      z = log(ratio > floor ? ratio : floor);
+      dz = dy * (y + a.p);
+    }
+  }
+};
+
+template <>
+struct ActivationOps<Activation::Relu> {
+  template <typename acc>
+  static ABN_HOST_DEVICE acc forward(acc z, ActivationParam<acc>) {
+    return z > acc(0) ? z : acc(0);
+  }
+  // `saved` is the pre-activation z, not the output.
+  template <typename acc>
+  static ABN_HOST_DEVICE void recover(acc saved, acc dy, ActivationParam<acc>, acc& z, acc& dz) {
+    z = saved;
+    dz = saved > acc(0) ? dy : acc(0);
+  }
+};
+
+// Effective affine scale s = |w| + eps (1 without weight).
+template <typename acc>
+ABN_HOST_DEVICE acc affine_scale(acc weight, bool has_weight, acc eps) {
+  return has_weight ? (weight < acc(0) ? -weight : weight) + eps : acc(1);
+}
+
+template <typename acc>
+ABN_HOST_DEVICE acc inverse_std(acc var, acc eps) {
+  return acc(1) / sqrt(var + eps);
+}
+
+// Forward, per channel: z = x * scale + shift.
+template <typename acc>
+struct NormalizeCoeffs {
+  acc scale;
+  acc shift;
+};
+
+template <typename acc>
+ABN_HOST_DEVICE NormalizeCoeffs<acc> normalize_coeffs(acc mean, acc var, acc s, acc bias, acc eps) {
+  const acc scale = s * inverse_std(var, eps);
+  return {scale, bias - mean * scale};
+}
+
+// Backward, per channel: dx = dz_scale * dz + centered_scale * (z - bias) + offset.
+// This is s * invstd * (dz - S1/n - xhat * S2/n) with xhat = (z - bias) / s; in eval mode
+// (no batch statistics to differentiate through) centered_scale = offset = 0.
+template <typename acc>
+struct InputGradCoeffs {
+  acc dz_scale;
+  acc bias;
+  acc centered_scale;
+  acc offset;
+};
+
+template <typename acc>
+ABN_HOST_DEVICE InputGradCoeffs<acc> input_grad_coeffs(
+    acc var, acc s, acc bias, acc eps, bool training, acc sum_dz, acc sum_dz_xhat, acc count) {
+  const acc dz_scale = s * inverse_std(var, eps);
+  if (!training) {
+    return {dz_scale, bias, acc(0), acc(0)};
+  }
+  const acc mean_dz = sum_dz / count;
+  const acc mean_dz_xhat = sum_dz_xhat / count;
+  return {dz_scale, bias, -dz_scale * mean_dz_xhat / s, -dz_scale * mean_dz};
+}
+
+template <typename acc>
+ABN_HOST_DEVICE acc input_grad(InputGradCoeffs<acc> k, acc z, acc dz) {
+  return k.dz_scale * dz + k.centered_scale * (z - k.bias) + k.offset;
+}
+
+// Running statistics of a set of values: count, mean and M2 = sum((x - mean)^2).
+template <typename acc>
+struct Moments {
+  acc count;
+  acc mean;
+  acc m2;
+};
+
+// Chan et al.'s parallel merge of two sets' moments: exact in exact arithmetic, and stable
+// because it only ever adds centred quantities.
+template <typename acc>
+ABN_HOST_DEVICE Moments<acc> merge_moments(Moments<acc> a, Moments<acc> b) {
+  const acc count = a.count + b.count;
+  if (count == acc(0)) {
+    return a;
+  }
+  const acc delta = b.mean - a.mean;
+  const acc b_share = b.count / count;
+  return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
+}
+
+}  // namespace inplace_abn
