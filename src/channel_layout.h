@@ -6,7 +6,8 @@
 #include <string>
 
 #include <torch/csrc/stable/tensor.h>
-#include <torch/headeronly/util/Exception.h>
+
+#include "check.h"
 
 namespace inplace_abn {
 
@@ -31,7 +32,7 @@ struct ChannelLayout {
 // are contiguous; the Python layer routes such tensors through a contiguous copy first.
 inline ChannelLayout channel_layout(const Tensor& t, const char* name) {
   const int64_t dim = t.dim();
-  STD_TORCH_CHECK(dim >= 2, name, " must have shape (N, C, *) with at least 2 dimensions, got ", dim);
+  ABN_CHECK(dim >= 2, name, " must have shape (N, C, *) with at least 2 dimensions, got ", dim);
   ChannelLayout layout{};
   layout.N = t.size(0);
   layout.C = t.size(1);
@@ -49,7 +50,7 @@ inline ChannelLayout channel_layout(const Tensor& t, const char* name) {
     if (expected_stride < 0) {
       layout.stride_s = t.stride(d);
     } else {
-      STD_TORCH_CHECK(t.stride(d) == expected_stride, name,
+      ABN_CHECK(t.stride(d) == expected_stride, name,
                       ": the dimensions after the channel dimension cannot be walked with one stride "
                       "(make the tensor contiguous)");
     }
@@ -58,12 +59,12 @@ inline ChannelLayout channel_layout(const Tensor& t, const char* name) {
   }
   const bool planes = layout.stride_s == 1 && (layout.S > 1 || layout.stride_c != 1);
   const bool rows = layout.stride_c == 1;
-  STD_TORCH_CHECK(planes || rows, name,
+  ABN_CHECK(planes || rows, name,
                   ": unsupported memory layout, expected contiguous or channels_last (make it contiguous)");
   layout.kind = planes ? ChannelLayout::Kind::Planes : ChannelLayout::Kind::Rows;
   // A stride of 0 on a dimension of size > 1 means elements share memory (an expanded tensor).
   for (int64_t d = 0; d < dim; ++d) {
-    STD_TORCH_CHECK(t.size(d) <= 1 || t.stride(d) != 0, name,
+    ABN_CHECK(t.size(d) <= 1 || t.stride(d) != 0, name,
                     " has overlapping memory (an expanded tensor); pass a contiguous tensor");
   }
   return layout;
@@ -71,14 +72,16 @@ inline ChannelLayout channel_layout(const Tensor& t, const char* name) {
 
 // Tensors read or written together must share sizes and strides, so one layout walks them all.
 inline void check_same_geometry(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name) {
-  STD_TORCH_CHECK(a.dim() == b.dim(), b_name, " must have the shape of ", a_name);
+  ABN_CHECK(a.dim() == b.dim(), b_name, " must have the shape of ", a_name);
   for (int64_t d = 0; d < a.dim(); ++d) {
-    STD_TORCH_CHECK(a.size(d) == b.size(d), b_name, " must have the shape of ", a_name, " (dimension ", d,
-                    ": ", b.size(d), " vs ", a.size(d), ")");
-    STD_TORCH_CHECK(a.size(d) <= 1 || a.stride(d) == b.stride(d), b_name, " must have the strides of ",
-                    a_name, " (dimension ", d, ")");
+    ABN_CHECK(a.size(d) == b.size(d), b_name, " must have the shape of ", a_name, " (dimension ", d, ": ",
+              b.size(d), " vs ", a.size(d), ")");
   }
-  STD_TORCH_CHECK(a.scalar_type() == b.scalar_type(), b_name, " must have the dtype of ", a_name);
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    ABN_CHECK(a.size(d) <= 1 || a.stride(d) == b.stride(d), b_name, " must have the strides of ", a_name,
+              " (dimension ", d, ")");
+  }
+  ABN_CHECK(a.scalar_type() == b.scalar_type(), b_name, " must have the dtype of ", a_name);
 }
 
 }  // namespace inplace_abn

@@ -9,10 +9,10 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/BFloat16.h>
-#include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
 
 #include "abn_math.h"
+#include "check.h"
 
 namespace inplace_abn {
 
@@ -38,7 +38,7 @@ void dispatch_float_type(ScalarType dtype, const char* op, const F& f) {
     case ScalarType::BFloat16:
       return f(torch::headeronly::BFloat16{});
     default:
-      STD_TORCH_CHECK(false, op, ": unsupported dtype ", torch::headeronly::toString(dtype),
+      ABN_CHECK(false, op, ": unsupported dtype ", torch::headeronly::toString(dtype),
                       ", expected float32, float64, float16 or bfloat16");
   }
 }
@@ -61,14 +61,14 @@ void dispatch_activation(Activation a, const F& f) {
 // Native activation names. "relu" (leaky_relu with slope 0, elu with alpha 0) is the one
 // non-invertible case: its backward takes the pre-activation instead of the output.
 inline Activation parse_activation(const std::string& name, double param) {
-  STD_TORCH_CHECK(param >= 0.0, "activation_param must be >= 0, got ", param);
+  ABN_CHECK(param >= 0.0, "activation_param must be >= 0, got ", param);
   if (name == "identity") return Activation::Identity;
   if (name == "relu") return Activation::Relu;
   if (name == "leaky_relu" || name == "elu") {
-    STD_TORCH_CHECK(param > 0.0, name, " with activation_param=0 is not invertible; use activation 'relu'");
+    ABN_CHECK(param > 0.0, name, " with activation_param=0 is not invertible; use activation 'relu'");
     return name == "elu" ? Activation::Elu : Activation::LeakyRelu;
   }
-  STD_TORCH_CHECK(false, "unknown activation '", name, "', expected one of identity, leaky_relu, elu, relu");
+  ABN_CHECK(false, "unknown activation '", name, "', expected one of identity, leaky_relu, elu, relu");
   return Activation::Identity;
 }
 
@@ -81,17 +81,17 @@ ActivationParam<acc> make_activation_param(double p) {
 inline void check_channel_vector(const std::optional<Tensor>& v, const char* name, int64_t channels,
                                  const Tensor& x) {
   if (!v.has_value()) return;
-  STD_TORCH_CHECK(v->dim() == 1 && v->size(0) == channels, name, " must have shape (", channels,
+  ABN_CHECK(v->dim() == 1 && v->size(0) == channels, name, " must have shape (", channels,
                   ",) to match the input's channel dimension");
-  STD_TORCH_CHECK(is_supported_float(v->scalar_type()), name, " must be a float tensor");
-  STD_TORCH_CHECK(v->get_device_index() == x.get_device_index() && v->is_cpu() == x.is_cpu() &&
+  ABN_CHECK(is_supported_float(v->scalar_type()), name, " must be a float tensor");
+  ABN_CHECK(v->get_device_index() == x.get_device_index() && v->is_cpu() == x.is_cpu() &&
                       v->is_cuda() == x.is_cuda(),
                   name, " must be on the input's device");
 }
 
 inline void check_input(const Tensor& x, const char* name) {
-  STD_TORCH_CHECK(x.dim() >= 2, name, " must have shape (N, C, *) with at least 2 dimensions, got ", x.dim());
-  STD_TORCH_CHECK(is_supported_float(x.scalar_type()), name,
+  ABN_CHECK(x.dim() >= 2, name, " must have shape (N, C, *) with at least 2 dimensions, got ", x.dim());
+  ABN_CHECK(is_supported_float(x.scalar_type()), name,
                   " must be float32, float64, float16 or bfloat16");
 }
 

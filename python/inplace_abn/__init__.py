@@ -10,12 +10,12 @@ from .functions import inplace_abn, inplace_abn_sync
 from .group import active_group, set_active_group
 
 __all__ = [
-    "__version__",
     "ABN",
     "InPlaceABN",
     "InPlaceABNSync",
+    "__version__",
+    "active_group",
     "inplace_abn",
     "inplace_abn_sync",
-    "active_group",
     "set_active_group",
 ]

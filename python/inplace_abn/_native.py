@@ -100,17 +100,17 @@ def load() -> NativeStatus:
         return _status
     status = NativeStatus(build_info=_read_build_info())
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        status.libraries["cpu"] = LibraryStatus("cpu", error=f"disabled by {DISABLE_ENV}")
+        status.libraries["cpu"] = LibraryStatus("cpu", error=f"the native kernels are disabled by {DISABLE_ENV}=1")
     else:
         _add_dll_directories(status)
         status.libraries["cpu"] = _load_library("cpu", status)
-        if not status.libraries["cpu"].loaded:
-            warnings.warn(
-                f"inplace_abn: using the pure-PyTorch fallback (correct, but slower, with larger temporaries) "
-                f"because {status.libraries['cpu'].error}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+    if not status.libraries["cpu"].loaded:
+        warnings.warn(
+            f"inplace_abn: using the pure-PyTorch fallback (correct, but slower, with larger temporaries) "
+            f"because {status.libraries['cpu'].error}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     _status = status
     return status
 

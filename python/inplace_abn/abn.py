@@ -33,8 +33,15 @@ class ABN(nn.Module):
     """
 
     _version = 2
-    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine", "activation",
-                     "activation_param"]
+    __constants__: tuple[str, ...] = (
+        "track_running_stats",
+        "momentum",
+        "eps",
+        "num_features",
+        "affine",
+        "activation",
+        "activation_param",
+    )
     num_features: int
     eps: float
     momentum: float | None
@@ -131,8 +138,14 @@ class ABN(nn.Module):
         return x
 
     def _load_from_state_dict(
-        self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing_keys: list,
-        unexpected_keys: list, error_msgs: list,
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
     ) -> None:
         version = local_metadata.get("version", None)
         if (version is None or version < 2) and self.track_running_stats:
@@ -143,8 +156,10 @@ class ABN(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        rep = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, " \
-              f"activation={self.activation}"
+        rep = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"activation={self.activation}"
+        )
         if self.activation in ("leaky_relu", "elu"):
             rep += f"[{self.activation_param}]"
         return rep
@@ -163,8 +178,18 @@ class InPlaceABN(ABN):
         self._check_input(x)
         momentum, training = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
-        return inplace_abn(x, self.weight, self.bias, running_mean, running_var, training, momentum, self.eps,
-                           self.activation, self.activation_param)
+        return inplace_abn(
+            x,
+            self.weight,
+            self.bias,
+            running_mean,
+            running_var,
+            training,
+            momentum,
+            self.eps,
+            self.activation,
+            self.activation_param,
+        )
 
 
 class InPlaceABNSync(ABN):
@@ -196,5 +221,16 @@ class InPlaceABNSync(ABN):
         self._check_input(x)
         momentum, training = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
-        return inplace_abn_sync(x, self.weight, self.bias, running_mean, running_var, training, momentum, self.eps,
-                                self.activation, self.activation_param, self.group)
+        return inplace_abn_sync(
+            x,
+            self.weight,
+            self.bias,
+            running_mean,
+            running_var,
+            training,
+            momentum,
+            self.eps,
+            self.activation,
+            self.activation_param,
+            self.group,
+        )

@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 from . import ops
 from ._sync import LocalReduction, Reduction, reduction_for_group
 
-__all__ = ["inplace_abn", "inplace_abn_sync", "ACTIVATIONS"]
+__all__ = ["ACTIVATIONS", "inplace_abn", "inplace_abn_sync"]
 
 ACTIVATIONS = ("leaky_relu", "elu", "identity", "relu")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -40,7 +40,7 @@ def native_activation(activation: str, activation_param: float) -> str:
 
 
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def check_activation(activation: Any, activation_param: Any) -> None:
@@ -105,9 +105,10 @@ def _check_arguments(
     if training and running_mean is not None:
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not math.isfinite(momentum):
             raise ValueError(f"momentum must be a finite number when updating running statistics, got {momentum!r}")
-    if any(size > 1 and stride == 0 for size, stride in zip(x.shape, x.stride())):
-        raise ValueError("the input has overlapping memory (an expanded tensor) and cannot be written in place: "
-                         "pass x.contiguous()")
+    if any(size > 1 and stride == 0 for size, stride in zip(x.shape, x.stride(), strict=True)):
+        raise ValueError(
+            "the input has overlapping memory (an expanded tensor) and cannot be written in place: pass x.contiguous()"
+        )
     if training:
         values = x.numel() // channels if channels else 0
         if values < min_values_per_channel:
@@ -129,11 +130,15 @@ def _kernel_layout(t: torch.Tensor) -> bool:
 
 
 def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return all(size <= 1 or sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()))
+    return all(size <= 1 or sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True))
 
 
 def _update_running_stats(
-    running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, count: int,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
     momentum: float,
 ) -> None:
     """EMA of the batch mean and of the unbiased batch variance (global count)."""
@@ -192,8 +197,18 @@ class _InPlaceABN(torch.autograd.Function):
         reduction: Reduction,
     ) -> torch.Tensor:
         kept, var, count, _ = _forward(
-            x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param,
-            reduction, keep_preact=True,
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training,
+            momentum,
+            eps,
+            activation,
+            activation_param,
+            reduction,
+            keep_preact=True,
         )
         ctx.training = training
         ctx.eps = eps
@@ -257,18 +272,35 @@ def _apply(
             f"inplace_abn with {what} is ReLU, which is not invertible: the layer keeps its pre-activation for "
             "backward and saves no memory. Use leaky_relu with a small positive slope (e.g. 0.01) for the saving.",
         )
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad:
         return _InPlaceABN.apply(
-            x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param,
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training,
+            momentum,
+            eps,
+            activation,
+            activation_param,
             reduction,
         )
     with torch.no_grad():
         _forward(
-            x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param,
-            reduction, keep_preact=False,
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training,
+            momentum,
+            eps,
+            activation,
+            activation_param,
+            reduction,
+            keep_preact=False,
         )
     # The kernels write through the dispatcher without autograd's bookkeeping: bump the version so a
     # tensor that autograd saved earlier is known to be overwritten.
@@ -308,11 +340,29 @@ def inplace_abn(
         x, holding the result.
     """
     _check_arguments(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        activation,
+        activation_param,
         min_values_per_channel=2,
     )
     return _apply(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        activation,
+        activation_param,
         LocalReduction(),
     )
 
@@ -338,7 +388,16 @@ def inplace_abn_sync(
     """
     synchronized = training and distributed.is_available() and distributed.is_initialized()
     _check_arguments(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        activation,
+        activation_param,
         min_values_per_channel=0 if synchronized else 2,
     )
     if synchronized:

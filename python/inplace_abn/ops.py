@@ -12,7 +12,7 @@ import torch
 
 from . import _native, reference
 
-__all__ = ["statistics", "normalize_act_", "backward_reduce", "backward_input", "uses_native"]
+__all__ = ["backward_input", "backward_reduce", "normalize_act_", "statistics", "uses_native"]
 
 
 def uses_native(device: torch.device) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["statistics", "normalize_act_", "backward_reduce", "backward_input", "accumulate_dtype"]
+__all__ = ["accumulate_dtype", "backward_input", "backward_reduce", "normalize_act_", "statistics"]
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,7 +31,7 @@ def _per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0] + list(range(2, x.dim()))
+    return [0, *range(2, x.dim())]
 
 
 def _scale_and_bias(

@@ -227,7 +227,7 @@ std::vector<Moments<double>> statistics_rows(const T* x, const ChannelLayout& l)
 
 std::tuple<Tensor, Tensor> statistics(Tensor x) {
   check_input(x, "x");
-  STD_TORCH_CHECK(x.is_cpu(), "inplace_abn CPU kernel called with a tensor that is not on the CPU");
+  ABN_CHECK(x.is_cpu(), "inplace_abn CPU kernel called with a tensor that is not on the CPU");
   const ChannelLayout l = channel_layout(x, "x");
   const bool is_double = x.scalar_type() == ScalarType::Double;
   const ScalarType stat_type = is_double ? ScalarType::Double : ScalarType::Float;
@@ -302,14 +302,14 @@ void normalize_act_kernel(T* x, T* preact, const ChannelLayout& l, const std::ve
 void normalize_act_(Tensor x, Tensor mean, Tensor var, std::optional<Tensor> weight, std::optional<Tensor> bias,
                     double eps, std::string activation, double activation_param, std::optional<Tensor> preact) {
   check_input(x, "x");
-  STD_TORCH_CHECK(x.is_cpu(), "inplace_abn CPU kernel called with a tensor that is not on the CPU");
+  ABN_CHECK(x.is_cpu(), "inplace_abn CPU kernel called with a tensor that is not on the CPU");
   const Activation act = parse_activation(activation, activation_param);
   const ChannelLayout l = channel_layout(x, "x");
   check_channel_vector(mean, "mean", l.C, x);
   check_channel_vector(var, "var", l.C, x);
   check_channel_vector(weight, "weight", l.C, x);
   check_channel_vector(bias, "bias", l.C, x);
-  STD_TORCH_CHECK(!preact.has_value() || act == Activation::Relu,
+  ABN_CHECK(!preact.has_value() || act == Activation::Relu,
                   "preact is only written for activation 'relu' (the other activations are invertible)");
   if (preact.has_value()) check_same_geometry(x, "x", *preact, "preact");
   dispatch_float_type(x.scalar_type(), "normalize_act_", [&](auto dtype_tag) {
@@ -426,7 +426,7 @@ std::tuple<Tensor, Tensor> backward_reduce(const Tensor& y, const Tensor& dy, co
                                            const std::optional<Tensor>& bias, double eps, const std::string& activation,
                                            double activation_param) {
   check_input(y, "y");
-  STD_TORCH_CHECK(y.is_cpu() && dy.is_cpu(), "inplace_abn CPU kernel called with a tensor that is not on the CPU");
+  ABN_CHECK(y.is_cpu() && dy.is_cpu(), "inplace_abn CPU kernel called with a tensor that is not on the CPU");
   check_same_geometry(y, "y", dy, "dy");
   const Activation act = parse_activation(activation, activation_param);
   const ChannelLayout l = channel_layout(y, "y");
@@ -511,7 +511,7 @@ Tensor backward_input(const Tensor& y, const Tensor& dy, const Tensor& var, cons
                       const std::optional<Tensor>& sum_dz_xhat, int64_t count, double eps, const std::string& activation,
                       double activation_param) {
   check_input(y, "y");
-  STD_TORCH_CHECK(y.is_cpu() && dy.is_cpu(), "inplace_abn CPU kernel called with a tensor that is not on the CPU");
+  ABN_CHECK(y.is_cpu() && dy.is_cpu(), "inplace_abn CPU kernel called with a tensor that is not on the CPU");
   check_same_geometry(y, "y", dy, "dy");
   const Activation act = parse_activation(activation, activation_param);
   const ChannelLayout l = channel_layout(y, "y");
@@ -521,8 +521,8 @@ Tensor backward_input(const Tensor& y, const Tensor& dy, const Tensor& var, cons
   check_channel_vector(sum_dz, "sum_dz", l.C, y);
   check_channel_vector(sum_dz_xhat, "sum_dz_xhat", l.C, y);
   const bool training = sum_dz.has_value();
-  STD_TORCH_CHECK(sum_dz.has_value() == sum_dz_xhat.has_value(), "sum_dz and sum_dz_xhat must be given together");
-  STD_TORCH_CHECK(!training || count > 0, "count must be positive, got ", count);
+  ABN_CHECK(sum_dz.has_value() == sum_dz_xhat.has_value(), "sum_dz and sum_dz_xhat must be given together");
+  ABN_CHECK(!training || count > 0, "count must be positive, got ", count);
   Tensor dx = torch::stable::empty_like(y);
   check_same_geometry(y, "y", dx, "dx");
   dispatch_float_type(y.scalar_type(), "backward_input", [&](auto dtype_tag) {

@@ -1,0 +1,46 @@
+"""Test configuration: tests run against the installed package, never the source tree."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import inplace_abn
+
+REPO = Path(__file__).resolve().parents[1]
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from inplace_abn import _native
+
+    status = _native.load()
+    libs = ", ".join(f"{name}: {'loaded' if lib.loaded else lib.error}" for name, lib in status.libraries.items())
+    return [
+        f"inplace_abn {inplace_abn.__version__} from {Path(inplace_abn.__file__).parent}",
+        f"native: {libs}",
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, GPU: {torch.cuda.is_available()}",
+    ]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    package = Path(inplace_abn.__file__).resolve()
+    if package.is_relative_to(REPO / "python") and not os.environ.get("INPLACE_ABN_TEST_SOURCE_TREE"):
+        raise pytest.UsageError(
+            f"inplace_abn was imported from the source tree ({package}); the tests run against the installed "
+            "wheel: use `bash scripts/test.sh`"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    return request.param

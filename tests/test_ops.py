@@ -1,0 +1,208 @@
+"""The native operators: registration, fake kernels, reduction-stressing sizes, every element written,
+and the pure-PyTorch fallback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from inplace_abn import _native, ops
+from inplace_abn import reference as reference_ops
+
+from oracle import assert_close, reference
+
+NATIVE_DISABLED = os.environ.get(_native.DISABLE_ENV, "") not in ("", "0")
+needs_native = pytest.mark.skipif(NATIVE_DISABLED, reason=f"{_native.DISABLE_ENV} is set")
+
+
+@needs_native
+def test_native_cpu_library_is_loaded():
+    status = _native.load()
+    assert status.libraries["cpu"].loaded, status.libraries["cpu"].error
+    assert ops.uses_native(torch.device("cpu"))
+
+
+def sample(shape, dtype=torch.float32, channels_last=False, device="cpu"):
+    x = torch.randn(shape, dtype=dtype, device=device)
+    if channels_last:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    c = shape[1]
+    return dict(
+        x=x,
+        mean=torch.randn(c, device=device),
+        var=torch.rand(c, device=device) + 0.5,
+        weight=torch.randn(c, device=device),
+        bias=torch.randn(c, device=device),
+        dy=torch.randn_like(x),
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck(channels_last, dtype, device):
+    """Schemas, fake kernels and dispatcher registration are consistent (torch.library.opcheck)."""
+    s = sample((3, 4, 5, 6), dtype, channels_last, device)
+    library = torch.ops.inplace_abn
+    torch.library.opcheck(library.statistics.default, (s["x"],))
+    for activation, param in (("leaky_relu", 0.1), ("elu", 1.0), ("identity", 0.0)):
+        args = (s["x"].clone(), s["mean"], s["var"], s["weight"], s["bias"], 1e-5, activation, param, None)
+        torch.library.opcheck(library.normalize_act_.default, args)
+    args = (s["x"].clone(), s["mean"], s["var"], s["weight"], s["bias"], 1e-5, "relu", 0.0, torch.empty_like(s["x"]))
+    torch.library.opcheck(library.normalize_act_.default, args)
+    y = s["x"].clone()
+    library.normalize_act_(y, s["mean"], s["var"], s["weight"], s["bias"], 1e-5, "leaky_relu", 0.1, None)
+    reduce_args = (y, s["dy"], s["weight"], s["bias"], 1e-5, "leaky_relu", 0.1)
+    torch.library.opcheck(library.backward_reduce.default, reduce_args)
+    sums = library.backward_reduce(y, s["dy"], s["weight"], s["bias"], 1e-5, "leaky_relu", 0.1)
+    for s1, s2 in (sums, (None, None)):
+        args = (y, s["dy"], s["var"], s["weight"], s["bias"], s1, s2, 90, 1e-5, "leaky_relu", 0.1)
+        torch.library.opcheck(library.backward_input.default, args)
+
+
+# Sizes that stress the reductions: one channel, many channels, one value per (n, c), long planes,
+# non-powers of two.
+STRESS_SHAPES = [
+    ((2, 1), False),
+    ((1, 1, 2), False),
+    ((7, 2048, 3), False),
+    ((7, 2048, 3), True),
+    ((5, 3, 1001), False),
+    ((3, 1, 65537), False),
+    ((2, 7, 33, 31), True),
+    ((1, 2, 1 << 21), False),
+    ((1 << 16, 3), False),
+    ((9, 5, 1, 1), True),
+]
+
+
+@pytest.mark.parametrize("shape,channels_last", STRESS_SHAPES)
+@pytest.mark.parametrize("activation,param", [("leaky_relu", 0.2), ("elu", 0.7), ("relu", 0.0)])
+def test_operators_match_reference_on_stress_sizes(shape, channels_last, activation, param, device):
+    """Every operator against the float64 oracle, at sizes that exercise the work split."""
+    s = sample(shape, torch.float64, channels_last, device)
+    x = s["x"] * 3 + 1
+    weight, bias = s["weight"].double(), s["bias"].double()
+    count = x.numel() // x.size(1)
+    expected = reference(x, weight, bias, None, None, True, 0.1, 1e-5, activation, param, s["dy"])
+
+    mean, var = ops.statistics(x)
+    assert_close(mean, x.transpose(0, 1).reshape(x.size(1), -1).mean(1), torch.float64, "mean")
+    assert_close(var, x.transpose(0, 1).reshape(x.size(1), -1).var(1, unbiased=False), torch.float64, "var")
+
+    y = x.clone()
+    preact = torch.full_like(x, float("nan")) if activation == "relu" else None  # poisoned: must be overwritten
+    ops.normalize_act_(y, mean, var, weight, bias, 1e-5, activation, param, preact)
+    assert_close(y, expected.y, torch.float64, "output")
+    kept = preact if preact is not None else y
+    if preact is not None:
+        assert not preact.isnan().any()
+
+    sum_dz, sum_dz_xhat = ops.backward_reduce(kept, s["dy"], weight, bias, 1e-5, activation, param)
+    assert_close(sum_dz, expected.dbias, torch.float64, "sum_dz")
+    assert_close(torch.where(weight < 0, -sum_dz_xhat, sum_dz_xhat), expected.dweight, torch.float64, "sum_dz_xhat")
+
+    torch.full_like(x, float("nan"))  # leave NaN in the allocator's free memory: unwritten elements would show
+    dx = ops.backward_input(kept, s["dy"], var, weight, bias, sum_dz, sum_dz_xhat, count, 1e-5, activation, param)
+    assert dx.stride() == x.stride()
+    assert_close(dx, expected.dx, torch.float64, "input gradient")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_statistics_are_accurate_for_large_offsets(channels_last, device):
+    """One-pass statistics must not lose the variance to cancellation (mean 1000, std 0.1, 4M values)."""
+    x64 = torch.randn(64, 4, 128, 128, dtype=torch.float64, device=device) * 0.1 + 1000
+    x = x64.float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean, var = ops.statistics(x)
+    x64 = x.double()
+    expected_var = x64.var(dim=(0, 2, 3), unbiased=False)
+    assert ((mean.double() - x64.mean(dim=(0, 2, 3))).abs() <= 1e-6 * 1000).all()
+    assert ((var.double() - expected_var).abs() <= 1e-4 * expected_var).all()
+
+
+@pytest.mark.parametrize("activation,param", [("leaky_relu", 0.05), ("elu", 1.0), ("identity", 0.0), ("relu", 0.0)])
+@pytest.mark.parametrize("training", [True, False])
+def test_reference_operators_match_oracle(activation, param, training):
+    """The pure-PyTorch fallback computes the same function as torch's own batch_norm."""
+    s = sample((4, 3, 5, 5), torch.float64)
+    weight, bias, mean, var = s["weight"].double(), s["bias"].double(), s["mean"].double(), s["var"].double()
+    x = s["x"]
+    expected = reference(x, weight, bias, mean, var, training, 0.1, 1e-5, activation, param, s["dy"])
+    if training:
+        mean, var = reference_ops.statistics(x)
+    y = x.clone()
+    preact = torch.empty_like(x) if activation == "relu" else None
+    reference_ops.normalize_act_(y, mean, var, weight, bias, 1e-5, activation, param, preact)
+    kept = preact if preact is not None else y
+    assert_close(y, expected.y, torch.float64, "output")
+    sum_dz, sum_dz_xhat = reference_ops.backward_reduce(kept, s["dy"], weight, bias, 1e-5, activation, param)
+    dx = reference_ops.backward_input(
+        kept,
+        s["dy"],
+        var,
+        weight,
+        bias,
+        sum_dz if training else None,
+        sum_dz_xhat if training else None,
+        100,
+        1e-5,
+        activation,
+        param,
+    )
+    assert_close(dx, expected.dx, torch.float64, "input gradient")
+    assert_close(torch.where(weight < 0, -sum_dz_xhat, sum_dz_xhat), expected.dweight, torch.float64, "weight grad")
+
+
+FALLBACK_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, warnings
+    sys.path.insert(0, sys.argv[1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import torch, inplace_abn
+        from oracle import reference
+        torch.manual_seed(0)
+        x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+        w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        leaf = x.clone().requires_grad_()
+        y = inplace_abn.inplace_abn(leaf.clone(), w, None, None, None, True, 0.1, 1e-5, "leaky_relu", 0.1)
+        y.backward(torch.ones_like(y))
+        x.requires_grad_(False)
+        expected = reference(x, w, None, None, None, True, 0.1, 1e-5, "leaky_relu", 0.1, torch.ones_like(x))
+    fallback = [str(w.message) for w in caught if "fallback" in str(w.message)]
+    print(json.dumps({
+        "fallback_warnings": fallback,
+        "native": inplace_abn.ops.uses_native(torch.device("cpu")),
+        "output_error": (y.detach() - expected.y).abs().max().item(),
+        "grad_error": (leaf.grad - expected.dx).abs().max().item(),
+        "weight_grad_error": (w.grad - expected.dweight).abs().max().item(),
+    }))
+    """
+)
+
+
+def test_fallback_warns_once_and_is_correct():
+    """Without the native library: one warning naming the cause, and the same results."""
+    env = dict(os.environ, **{_native.DISABLE_ENV: "1"})
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT, tests_dir],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not result["native"]
+    assert len(result["fallback_warnings"]) == 1
+    assert f"disabled by {_native.DISABLE_ENV}" in result["fallback_warnings"][0]
+    assert result["output_error"] < 1e-12 and result["grad_error"] < 1e-12 and result["weight_grad_error"] < 1e-12
