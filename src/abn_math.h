@@ -13,7 +13,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+
+#include "types.h"
 
 #if defined(__CUDACC__)
 #define ABN_HOST_DEVICE __host__ __device__ __forceinline__
@@ -22,6 +25,7 @@
 #endif
 
 namespace inplace_abn {
+ABN_ISA_NAMESPACE_BEGIN
 
 // Float and double overloads, on host and (through CUDA's <cmath> wrappers) on device.
 using std::expm1;
@@ -40,7 +44,85 @@ struct AccumulateType<double> {
 template <typename T>
 using acc_type = typename AccumulateType<T>::type;
 
-enum class Activation : int { Identity = 0, LeakyRelu = 1, Elu = 2, Relu = 3 };
+// exp(x) - 1 for x <= 0 and log(x) for x > 0: what ELU and its inverse need. On the CPU the float
+// versions are branch-free polynomials (Cephes' range reductions; absolute error < 1e-7 for expm1,
+// relative error < 1e-7 for log on normal numbers) so that loops using them vectorize; elsewhere,
+// and for double, the standard functions.
+namespace detail {
+
+inline float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+inline int32_t float_to_bits(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+}
+
+inline float cpu_expm1_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + shifter) - shifter;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // x - n * ln(2), in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float exp_r = p * r * r + r + 1.0f;
+  return exp_r * bits_to_float((static_cast<int32_t>(n) + 127) << 23) - 1.0f;
+}
+
+inline float cpu_log_positive(float x) {
+  const int32_t bits = float_to_bits(x);
+  float e = static_cast<float>((bits >> 23) - 126);
+  float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);  // x = m * 2^e, m in [0.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z + e * -2.12194440e-4f - 0.5f * z;
+  return m + y + e * 0.693359375f;
+}
+
+ABN_HOST_DEVICE float expm1_nonpositive(float x) {
+#if defined(__CUDA_ARCH__)
+  return expm1f(x);
+#else
+  return cpu_expm1_nonpositive(x);
+#endif
+}
+
+ABN_HOST_DEVICE float log_positive(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  return cpu_log_positive(x);
+#endif
+}
+
+ABN_HOST_DEVICE double expm1_nonpositive(double x) {
+  return expm1(x);
+}
+
+ABN_HOST_DEVICE double log_positive(double x) {
+  return log(x);
+}
+
+}  // namespace detail
 
 // The activation parameter with its reciprocal precomputed (slope of leaky_relu, alpha of elu).
 template <typename acc>
@@ -85,24 +167,23 @@ struct ActivationOps<Activation::LeakyRelu> {
 
 template <>
 struct ActivationOps<Activation::Elu> {
+  // Both branches are computed and one selected, so loops vectorize.
   template <typename acc>
   static ABN_HOST_DEVICE acc forward(acc z, ActivationParam<acc> a) {
-    return z > acc(0) ? z : a.p * expm1(z);
+    const acc negative = a.p * detail::expm1_nonpositive(z < acc(0) ? z : acc(0));
+    return z > acc(0) ? z : negative;
   }
   // y = alpha * (exp(z) - 1) for z <= 0, so exp(z) = 1 + y / alpha and act'(z) = y + alpha.
   // 1 + y / alpha is clamped away from 0: outputs that rounded to -alpha give a large negative
   // but finite z instead of -inf (their dz is ~0 anyway).
   template <typename acc>
   static ABN_HOST_DEVICE void recover(acc y, acc dy, ActivationParam<acc> a, acc& z, acc& dz) {
-    if (y > acc(0)) {
-      z = y;
-      dz = dy;
-    } else {
-      const acc ratio = acc(1) + y * a.inv_p;
-      const acc floor = std::numeric_limits<acc>::epsilon();
-      z = log(ratio > floor ? ratio : floor);
-      dz = dy * (y + a.p);
-    }
+    const bool positive = y > acc(0);
+    const acc ratio = acc(1) + y * a.inv_p;
+    const acc floor = std::numeric_limits<acc>::epsilon();
+    const acc negative_z = detail::log_positive(ratio > floor ? ratio : floor);
+    z = positive ? y : negative_z;
+    dz = dy * (positive ? acc(1) : y + a.p);
   }
 };
 
@@ -193,4 +274,5 @@ ABN_HOST_DEVICE Moments<acc> merge_moments(Moments<acc> a, Moments<acc> b) {
   return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
 }
 
+ABN_ISA_NAMESPACE_END
 }  // namespace inplace_abn

@@ -22,4 +22,6 @@ STABLE_TORCH_LIBRARY(inplace_abn, m) {
   m.def(
       "backward_input(Tensor y, Tensor dy, Tensor var, Tensor? weight, Tensor? bias, Tensor? sum_dz, "
       "Tensor? sum_dz_xhat, int count, float eps, str activation, float activation_param) -> Tensor");
+  // The instruction set of the CPU kernels in use ("avx2" or "baseline").
+  m.def("cpu_isa() -> str");
 }

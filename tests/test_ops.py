@@ -206,3 +206,34 @@ def test_fallback_warns_once_and_is_correct():
     assert len(result["fallback_warnings"]) == 1
     assert f"disabled by {_native.DISABLE_ENV}" in result["fallback_warnings"][0]
     assert result["output_error"] < 1e-12 and result["grad_error"] < 1e-12 and result["weight_grad_error"] < 1e-12
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16_bit_values_round_trip_exactly(dtype):
+    """Every 16-bit pattern survives load -> float -> store (x * 1 + 0; -0 becomes +0, NaN stays NaN)."""
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(4, 1, -1)
+    y = x.clone()
+    eps = 2.0**-20
+    mean, var = torch.zeros(1), torch.full((1,), 1 - eps)  # var + eps == 1 exactly: scale 1, shift 0
+    ops.normalize_act_(y, mean, var, None, None, eps, "identity", 0.0, None)
+    nan = x.isnan()
+    assert torch.equal(y.isnan(), nan)
+    expected = torch.where(x == 0, torch.zeros_like(x), x)  # -0 * 1 + 0 = +0
+    assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16_bit_rounding_matches_torch(dtype):
+    """float -> 16-bit rounding (nearest even, subnormals, overflow to inf) is bit-identical to torch's."""
+    weights = torch.tensor([1e-6, 1e-3, 0.7, 3.0, 2000.0, 4e4])  # half subnormals ... past the half range
+    x = (torch.randn(4, weights.numel(), 2000) * 4).to(dtype)
+    bias = torch.tensor([0.0, 1e-4, -0.3, 1.5, 0.0, 7.0])
+    eps = 2.0**-20
+    mean, var = torch.zeros(weights.numel()), torch.full((weights.numel(),), 1 - eps)
+    y = x.clone()
+    ops.normalize_act_(y, mean, var, weights, bias, eps, "identity", 0.0, None)
+    scale = (weights.abs() + eps).reshape(1, -1, 1)
+    expected = (x.float() * scale + bias.reshape(1, -1, 1)).to(dtype)
+    assert torch.equal(y.view(torch.int16), expected.view(torch.int16))

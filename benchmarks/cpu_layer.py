@@ -1,0 +1,132 @@
+"""One normalization layer on the CPU, forward + backward: InPlaceABN (fused kernels) versus torch's
+BatchNorm2d + LeakyReLU(inplace=True) versus InPlaceABN on the pure-PyTorch fallback.
+
+All variants run side by side in one process, interleaved in every repeat so machine noise hits them
+alike; reported numbers are medians. Each variant gets a fresh non-leaf input (a clone of a leaf that
+requires grad, made outside the timed region) and the same output gradient.
+
+    python benchmarks/cpu_layer.py --threads 2 --json benchmarks/results/cpu_layer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+import inplace_abn
+from inplace_abn import InPlaceABN, ops
+
+
+def torch_batchnorm(channels: int, activation: str) -> nn.Module:
+    act = nn.LeakyReLU(0.01, inplace=True) if activation == "leaky_relu" else nn.ELU(1.0, inplace=True)
+    return nn.Sequential(nn.BatchNorm2d(channels), act)
+
+
+def in_place_abn(channels: int, activation: str) -> nn.Module:
+    return InPlaceABN(channels, activation=activation, activation_param=0.01 if activation == "leaky_relu" else 1.0)
+
+
+class Fallback(nn.Module):
+    """InPlaceABN forced onto the pure-PyTorch reference operators (forward and backward)."""
+
+    def __init__(self, channels: int, activation: str) -> None:
+        super().__init__()
+        self.inner = in_place_abn(channels, activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+@contextlib.contextmanager
+def reference_operators():
+    native = ops.uses_native
+    ops.uses_native = lambda device: False
+    try:
+        yield
+    finally:
+        ops.uses_native = native
+
+
+VARIANTS: dict[str, Callable[[int, str], nn.Module]] = {
+    "torch BatchNorm2d + activation": torch_batchnorm,
+    "InPlaceABN": in_place_abn,
+    "InPlaceABN, pure-PyTorch fallback": lambda c, a: Fallback(c, a),
+}
+
+
+def measure(shape, memory_format, activation, repeats, warmup, variants) -> dict:
+    x0 = torch.randn(shape).contiguous(memory_format=memory_format)
+    dy = torch.randn_like(x0)
+    modules = {name: make(shape[1], activation) for name, make in variants.items()}
+    timings = {name: {"forward": [], "backward": [], "total": []} for name in modules}
+    for step in range(warmup + repeats):
+        for name, module in modules.items():
+            leaf = x0.clone().requires_grad_()
+            x = leaf.clone()
+            context = reference_operators() if isinstance(module, Fallback) else contextlib.nullcontext()
+            with context:
+                start = time.perf_counter()
+                y = module(x)
+                middle = time.perf_counter()
+                y.backward(dy)
+                end = time.perf_counter()
+            if step >= warmup:
+                timings[name]["forward"].append((middle - start) * 1e3)
+                timings[name]["backward"].append((end - middle) * 1e3)
+                timings[name]["total"].append((end - start) * 1e3)
+    medians = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in timings.items()}
+    baseline = medians["torch BatchNorm2d + activation"]["total"]
+    return {
+        "shape": list(shape),
+        "memory_format": str(memory_format).replace("torch.", ""),
+        "activation": activation,
+        "median_ms": medians,
+        "speedup_vs_torch": {name: baseline / m["total"] for name, m in medians.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="16,64,56,56")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shape = tuple(int(s) for s in args.shape.split(","))
+    cases = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        for activation in ("leaky_relu", "elu"):
+            result = measure(shape, memory_format, activation, args.repeats, args.warmup, VARIANTS)
+            cases.append(result)
+            print(f"\n{tuple(shape)} {result['memory_format']} {activation}, {args.threads} threads, "
+                  f"median of {args.repeats}")
+            print(f"  {'variant':<36}{'forward':>10}{'backward':>10}{'total':>10}{'vs torch':>10}")
+            for name, m in result["median_ms"].items():
+                print(f"  {name:<36}{m['forward']:>8.2f}ms{m['backward']:>8.2f}ms{m['total']:>8.2f}ms"
+                      f"{result['speedup_vs_torch'][name]:>9.2f}x")
+    report = {
+        "command": "python benchmarks/cpu_layer.py " + " ".join(
+            f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "json"),
+        "machine": {"processor": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "inplace_abn": inplace_abn.__version__},
+        "cases": cases,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

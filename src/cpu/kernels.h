@@ -1,0 +1,40 @@
+// The CPU kernels' interface: raw pointers, a ChannelLayout and per-channel coefficients, no torch
+// types, so that kernels.cpp can be compiled once per instruction set without sharing code with the
+// host side (see types.h). The host side (ops_cpu.cpp) checks arguments, allocates and computes the
+// per-channel coefficients; a kernel only walks memory.
+//
+// Per-channel arrays hold the accumulate type: double for Float64 tensors, float otherwise.
+#pragma once
+
+#include <cstdint>
+
+#include "../types.h"
+
+namespace inplace_abn::cpu {
+
+struct KernelTable {
+  const char* isa;
+  // mean and biased variance of each channel.
+  void (*statistics)(DType dtype, const void* x, const ChannelLayout& layout, void* mean, void* var);
+  // x <- act(x * scale + shift) in place; preact (laid out like x), when not null, receives x * scale + shift.
+  void (*normalize_act)(DType dtype, void* x, void* preact, const ChannelLayout& layout, const void* scale,
+                        const void* shift, Activation activation, double activation_param);
+  // sum(dz) and sum(dz * (z - bias)) of each channel, in double; y and dy share a layout.
+  void (*backward_reduce)(DType dtype, const void* y, const void* dy, const ChannelLayout& layout, const void* bias,
+                          Activation activation, double activation_param, double* sum_dz, double* sum_dz_centered);
+  // dx = dz_scale * dz + centered_scale * (z - bias) + offset; y, dy and dx share a layout.
+  void (*backward_input)(DType dtype, const void* y, const void* dy, void* dx, const ChannelLayout& layout,
+                         const void* dz_scale, const void* bias, const void* centered_scale, const void* offset,
+                         Activation activation, double activation_param);
+};
+
+namespace baseline {
+extern const KernelTable kernels;  // the compiler's default target (SSE2 on x86-64)
+}
+#if defined(ABN_HAVE_AVX2)
+namespace avx2 {
+extern const KernelTable kernels;  // AVX2, FMA and F16C
+}
+#endif
+
+}  // namespace inplace_abn::cpu

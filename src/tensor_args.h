@@ -1,0 +1,119 @@
+// Checks of operator arguments and their translation into the kernels' plain types, shared by the
+// CPU and CUDA operator entry points (host code, built once).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include <torch/csrc/stable/device.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+
+#include "check.h"
+#include "types.h"
+
+namespace inplace_abn {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+// The kernels' dtype of a tensor; fails unless it is float32, float64, float16 or bfloat16.
+inline DType dtype_of(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case ScalarType::Float:
+      return DType::Float32;
+    case ScalarType::Double:
+      return DType::Float64;
+    case ScalarType::Half:
+      return DType::Float16;
+    case ScalarType::BFloat16:
+      return DType::BFloat16;
+    default:
+      ABN_CHECK(false, name, " must be float32, float64, float16 or bfloat16");
+  }
+  return DType::Float32;
+}
+
+// Statistics and backward sums are float64 for float64 tensors, float32 otherwise.
+inline ScalarType accumulate_scalar_type(const Tensor& t) {
+  return t.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
+
+// Native activation names. "relu" (leaky_relu with slope 0, elu with alpha 0) is the one
+// non-invertible case: its backward takes the pre-activation instead of the output.
+inline Activation parse_activation(const std::string& name, double param) {
+  ABN_CHECK(param >= 0.0, "activation_param must be >= 0, got ", param);
+  if (name == "identity") return Activation::Identity;
+  if (name == "relu") return Activation::Relu;
+  if (name == "leaky_relu" || name == "elu") {
+    ABN_CHECK(param > 0.0, name, " with activation_param=0 is not invertible; use activation 'relu'");
+    return name == "elu" ? Activation::Elu : Activation::LeakyRelu;
+  }
+  ABN_CHECK(false, "unknown activation '", name, "', expected one of identity, leaky_relu, elu, relu");
+  return Activation::Identity;
+}
+
+// Describes `t` (named `name` in errors) as (N, C, S). Fails with a clear message when the trailing
+// dimensions cannot be walked with one stride, when neither the channels nor the trailing
+// dimensions are contiguous, or when elements overlap; the Python layer routes such tensors
+// through a contiguous copy first.
+inline ChannelLayout channel_layout(const Tensor& t, const char* name) {
+  const int64_t dim = t.dim();
+  ABN_CHECK(dim >= 2, name, " must have shape (N, C, *) with at least 2 dimensions, got ", dim);
+  ChannelLayout layout{};
+  layout.N = t.size(0);
+  layout.C = t.size(1);
+  layout.stride_n = t.stride(0);
+  layout.stride_c = t.stride(1);
+  layout.S = 1;
+  layout.stride_s = 1;
+  int64_t expected_stride = -1;  // collapse the trailing dimensions (size-1 ones do not constrain)
+  for (int64_t d = dim - 1; d >= 2; --d) {
+    const int64_t size = t.size(d);
+    if (size == 1) continue;
+    if (expected_stride < 0) {
+      layout.stride_s = t.stride(d);
+    } else {
+      ABN_CHECK(t.stride(d) == expected_stride, name,
+                ": the dimensions after the channel dimension cannot be walked with one stride (make it contiguous)");
+    }
+    expected_stride = t.stride(d) * size;
+    layout.S *= size;
+  }
+  for (int64_t d = 0; d < dim; ++d) {
+    ABN_CHECK(t.size(d) <= 1 || t.stride(d) != 0, name,
+              " has overlapping memory (an expanded tensor); pass a contiguous tensor");
+  }
+  const bool planes = layout.stride_s == 1 && (layout.S > 1 || layout.stride_c != 1);
+  const bool rows = layout.stride_c == 1;
+  ABN_CHECK(planes || rows, name, ": unsupported memory layout, expected contiguous or channels_last");
+  layout.kind = planes ? ChannelLayout::Kind::Planes : ChannelLayout::Kind::Rows;
+  return layout;
+}
+
+// Tensors read or written together must share sizes, strides and dtype, so one layout walks them all.
+inline void check_same_geometry(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name) {
+  ABN_CHECK(a.dim() == b.dim(), b_name, " must have the shape of ", a_name);
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    ABN_CHECK(a.size(d) == b.size(d), b_name, " must have the shape of ", a_name, " (dimension ", d, ": ", b.size(d),
+              " vs ", a.size(d), ")");
+  }
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    ABN_CHECK(a.size(d) <= 1 || a.stride(d) == b.stride(d), b_name, " must have the strides of ", a_name,
+              " (dimension ", d, ")");
+  }
+  ABN_CHECK(a.scalar_type() == b.scalar_type(), b_name, " must have the dtype of ", a_name);
+  ABN_CHECK(a.device() == b.device(), b_name, " must be on the device of ", a_name);
+}
+
+// A per-channel vector: 1-D, `channels` elements, a supported float dtype, on `x`'s device.
+inline void check_channel_vector(const std::optional<Tensor>& v, const char* name, int64_t channels, const Tensor& x) {
+  if (!v.has_value()) return;
+  ABN_CHECK(v->dim() == 1 && v->size(0) == channels, name, " must have shape (", channels,
+            ",) to match the input's channel dimension");
+  dtype_of(*v, name);
+  ABN_CHECK(v->device() == x.device(), name, " must be on the input's device");
+}
+
+}  // namespace inplace_abn
