@@ -109,18 +109,26 @@ def main() -> None:
         for activation in ("leaky_relu", "elu"):
             result = measure(shape, memory_format, activation, args.repeats, args.warmup, VARIANTS)
             cases.append(result)
-            print(f"\n{tuple(shape)} {result['memory_format']} {activation}, {args.threads} threads, "
-                  f"median of {args.repeats}")
+            print(
+                f"\n{tuple(shape)} {result['memory_format']} {activation}, {args.threads} threads, "
+                f"median of {args.repeats}"
+            )
             print(f"  {'variant':<36}{'forward':>10}{'backward':>10}{'total':>10}{'vs torch':>10}")
             for name, m in result["median_ms"].items():
-                print(f"  {name:<36}{m['forward']:>8.2f}ms{m['backward']:>8.2f}ms{m['total']:>8.2f}ms"
-                      f"{result['speedup_vs_torch'][name]:>9.2f}x")
+                print(
+                    f"  {name:<36}{m['forward']:>8.2f}ms{m['backward']:>8.2f}ms{m['total']:>8.2f}ms"
+                    f"{result['speedup_vs_torch'][name]:>9.2f}x"
+                )
     report = {
-        "command": "python benchmarks/cpu_layer.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "json"),
-        "machine": {"processor": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "inplace_abn": inplace_abn.__version__},
+        "command": "python benchmarks/cpu_layer.py "
+        + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "json"),
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cores": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "inplace_abn": inplace_abn.__version__,
+        },
         "cases": cases,
     }
     if args.json:

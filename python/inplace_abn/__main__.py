@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-COMMANDS = {
-    "bench": "U-Net training with BatchNorm2d + LeakyReLU vs InPlaceABN: memory and time",
+
+def _bench(args: list[str]) -> int:
+    from .bench import main
+
+    return main(args)
+
+
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "bench": ("U-Net training with BatchNorm2d + LeakyReLU vs InPlaceABN: memory and time", _bench),
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Dispatches to a subcommand; returns the exit status."""
+    """Runs a subcommand; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
-        usage = "usage: inplace-abn {" + ",".join(COMMANDS) + "} [options]\n\n" + "\n".join(
-            f"  {name:<8}{text}" for name, text in COMMANDS.items()
-        )
-        unknown = args and args[0] not in ("-h", "--help")
-        print(usage + (f"\n\nunknown command {args[0]!r}" if unknown else ""), file=sys.stderr if unknown else sys.stdout)
-        return 2 if unknown or not args else 0
-    if args[0] == "bench":
-        from .bench import main as bench
-
-        return bench(args[1:])
+    if args and args[0] in COMMANDS:
+        return COMMANDS[args[0]][1](args[1:])
+    usage = "usage: inplace-abn {" + ",".join(COMMANDS) + "} [options]\n\n"
+    usage += "\n".join(f"  {name:<8}{text}" for name, (text, _) in COMMANDS.items())
+    if args and args[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    problem = f"unknown command {args[0]!r}" if args else "a command is required"
+    print(f"{usage}\n\ninplace-abn: error: {problem}", file=sys.stderr)
     return 2
 
 

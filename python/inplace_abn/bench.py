@@ -54,14 +54,16 @@ class UNet(nn.Module):
     """U-Net: an encoder of DoubleConv blocks with max-pooling, a mirrored decoder with
     transposed-convolution upsampling and skip connections, and a 1x1 classifier."""
 
-    def __init__(self, norm_act: NormAct, in_channels: int = 3, classes: int = 2, width: int = 16,
-                 depth: int = 4) -> None:
+    def __init__(
+        self, norm_act: NormAct, in_channels: int = 3, classes: int = 2, width: int = 16, depth: int = 4
+    ) -> None:
         super().__init__()
         widths = [width * 2**i for i in range(depth + 1)]
         self.encoder = nn.ModuleList([DoubleConv(in_channels, widths[0], norm_act)])
         self.encoder.extend(DoubleConv(widths[i], widths[i + 1], norm_act) for i in range(depth))
-        self.upsample = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
-                                      for i in reversed(range(depth)))
+        self.upsample = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth))
+        )
         self.decoder = nn.ModuleList(DoubleConv(2 * widths[i], widths[i], norm_act) for i in reversed(range(depth)))
         self.classifier = nn.Conv2d(widths[0], classes, 1)
 
@@ -249,10 +251,13 @@ def format_table(report: dict) -> str:
     if "peak_memory" in ratios:
         ratio_row += f"{ratios['peak_memory']:>16.1%}"
     speed = ratios["speedup"]
-    lines += [ratio_row, "",
-              f"InPlaceABN keeps {1 - ratios['kept_for_backward']:.0%} less activation memory for backward; a "
-              f"training step takes {1 / speed:.2f}x the time of BatchNorm2d + LeakyReLU "
-              f"({speed:.2f}x {'faster' if speed >= 1 else 'the speed'})."]
+    lines += [
+        ratio_row,
+        "",
+        f"InPlaceABN keeps {1 - ratios['kept_for_backward']:.0%} less activation memory for backward; a "
+        f"training step takes {1 / speed:.2f}x the time of BatchNorm2d + LeakyReLU "
+        f"({speed:.2f}x {'faster' if speed >= 1 else 'the speed'}).",
+    ]
     return "\n".join(lines)
 
 
@@ -266,8 +271,10 @@ def plot(report: dict, path: str) -> None:
     except ImportError as error:
         raise SystemExit(f"--plot needs matplotlib ({error}): pip install 'inplace-abn[plot]'") from error
     names = list(report["results"])
-    panels = [("kept_for_backward_mb", "activation memory kept for backward (MB)"),
-              ("time_ms", "forward + backward time per iteration (ms)")]
+    panels = [
+        ("kept_for_backward_mb", "activation memory kept for backward (MB)"),
+        ("time_ms", "forward + backward time per iteration (ms)"),
+    ]
     figure, axes = plt.subplots(1, len(panels), figsize=(10, 4))
     for axis, (key, title) in zip(axes, panels, strict=True):
         values = [report["results"][n][key] for n in names]
