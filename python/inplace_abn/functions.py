@@ -81,7 +81,7 @@ def _check_arguments(
     check_activation(activation, activation_param)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    channels = x.size(1)
+    channels, device = x.size(1), x.device
     for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if v is None:
             continue
@@ -94,8 +94,8 @@ def _check_arguments(
             )
         if v.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float tensor, got {v.dtype}")
-        if v.device != x.device:
-            raise ValueError(f"{name} is on {v.device} but the input is on {x.device}: move them to the same device")
+        if v.device != device:
+            raise ValueError(f"{name} is on {v.device} but the input is on {device}: move them to the same device")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
@@ -141,10 +141,9 @@ def _update_running_stats(
     count: int,
     momentum: float,
 ) -> None:
-    """EMA of the batch mean and of the unbiased batch variance (global count)."""
-    unbiased = var * (count / (count - 1))
-    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    """EMA of the batch mean and of the unbiased batch variance (global count): r <- r + momentum * (b - r)."""
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
 def _forward(

@@ -1,0 +1,41 @@
+# Shared by the scripts in this folder: where virtual environments and wheels go, and how they are made.
+# Everything lands under $WORK (default: .work/ in the repository), which git ignores.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=${INPLACE_ABN_WORK:-$ROOT/.work}
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+# make_venv DIR PACKAGES...: a fresh virtual environment with the given packages.
+make_venv() {
+  local dir=$1
+  shift
+  rm -rf "$dir"
+  "$PYTHON" -m venv "$dir"
+  "$dir/bin/python" -m pip install --quiet --disable-pip-version-check "$@"
+}
+
+# build_wheel: builds the wheel into $WORK/dist with torch $TORCH_VERSION; prints its path.
+build_wheel() {
+  local venv=$WORK/build-venv
+  if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+    log "build environment: torch $TORCH_VERSION, scikit-build-core, cmake, ninja"
+    make_venv "$venv" "torch==$TORCH_VERSION" "scikit-build-core>=0.10" cmake ninja
+  fi
+  rm -rf "$WORK/dist"
+  log "building the wheel"
+  "$venv/bin/python" -m pip wheel --quiet --disable-pip-version-check --no-build-isolation --no-deps \
+    --wheel-dir "$WORK/dist" "$ROOT" >&2
+  ls "$WORK"/dist/inplace_abn-*.whl
+}
+
+# install_env DIR WHEEL EXTRA_PACKAGES...: a fresh environment with torch and the wheel installed.
+install_env() {
+  local dir=$1 wheel=$2
+  shift 2
+  log "fresh environment $dir: torch $TORCH_VERSION + $(basename "$wheel") $*"
+  make_venv "$dir" "torch==$TORCH_VERSION" "$@"
+  "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "$wheel"
+}
