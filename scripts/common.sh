@@ -8,13 +8,20 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
 log() { printf '\n== %s\n' "$*" >&2; }
 
+# pip, without this machine's notes about configured package locations that do not exist.
+pip_in() {
+  local venv=$1
+  shift
+  "$venv/bin/python" -m pip --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location" >&2)
+}
+
 # make_venv DIR PACKAGES...: a fresh virtual environment with the given packages.
 make_venv() {
   local dir=$1
   shift
   rm -rf "$dir"
   "$PYTHON" -m venv "$dir"
-  "$dir/bin/python" -m pip install --quiet --disable-pip-version-check "$@"
+  pip_in "$dir" install --quiet "$@"
 }
 
 # build_wheel: builds the wheel into $WORK/dist with torch $TORCH_VERSION; prints its path.
@@ -26,8 +33,7 @@ build_wheel() {
   fi
   rm -rf "$WORK/dist"
   log "building the wheel"
-  "$venv/bin/python" -m pip wheel --quiet --disable-pip-version-check --no-build-isolation --no-deps \
-    --wheel-dir "$WORK/dist" "$ROOT" >&2
+  pip_in "$venv" wheel --quiet --no-build-isolation --no-deps --wheel-dir "$WORK/dist" "$ROOT" >&2
   ls "$WORK"/dist/inplace_abn-*.whl
 }
 
@@ -37,5 +43,5 @@ install_env() {
   shift 2
   log "fresh environment $dir: torch $TORCH_VERSION + $(basename "$wheel") $*"
   make_venv "$dir" "torch==$TORCH_VERSION" "$@"
-  "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "$wheel"
+  pip_in "$dir" install --quiet --no-deps "$wheel"
 }

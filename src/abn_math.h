@@ -47,8 +47,19 @@ using acc_type = typename AccumulateType<T>::type;
 // exp(x) - 1 for x <= 0 and log(x) for x > 0: what ELU and its inverse need. On the CPU the float
 // versions are branch-free polynomials (Cephes' range reductions; absolute error < 1e-7 for expm1,
 // relative error < 1e-7 for log on normal numbers) so that loops using them vectorize; elsewhere,
-// and for double, the standard functions.
+// and for double, the standard functions. The polynomials use fused multiply-adds where the
+// instruction set has them (ELU results may then differ by an ulp from the portable build).
 namespace detail {
+
+#if defined(__FMA__) || (defined(_MSC_VER) && defined(__AVX2__))
+inline float poly_step(float acc, float x, float c) {
+  return std::fma(acc, x, c);
+}
+#else
+inline float poly_step(float acc, float x, float c) {
+  return acc * x + c;
+}
+#endif
 
 inline float bits_to_float(int32_t i) {
   float f;
@@ -68,11 +79,11 @@ inline float cpu_expm1_nonpositive(float x) {
   const float n = (x * 1.44269504088896341f + shifter) - shifter;
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // x - n * ln(2), in two parts
   float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  p = poly_step(p, r, 1.3981999507e-3f);
+  p = poly_step(p, r, 8.3334519073e-3f);
+  p = poly_step(p, r, 4.1665795894e-2f);
+  p = poly_step(p, r, 1.6666665459e-1f);
+  p = poly_step(p, r, 5.0000001201e-1f);
   const float exp_r = p * r * r + r + 1.0f;
   return exp_r * bits_to_float((static_cast<int32_t>(n) + 127) << 23) - 1.0f;
 }
@@ -86,14 +97,14 @@ inline float cpu_log_positive(float x) {
   m = small ? m + m - 1.0f : m - 1.0f;
   const float z = m * m;
   float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
+  y = poly_step(y, m, -1.1514610310e-1f);
+  y = poly_step(y, m, 1.1676998740e-1f);
+  y = poly_step(y, m, -1.2420140846e-1f);
+  y = poly_step(y, m, 1.4249322787e-1f);
+  y = poly_step(y, m, -1.6668057665e-1f);
+  y = poly_step(y, m, 2.0000714765e-1f);
+  y = poly_step(y, m, -2.4999993993e-1f);
+  y = poly_step(y, m, 3.3333331174e-1f);
   y = y * m * z + e * -2.12194440e-4f - 0.5f * z;
   return m + y + e * 0.693359375f;
 }

@@ -280,6 +280,7 @@ def plot(report: dict, path: str) -> None:
         values = [report["results"][n][key] for n in names]
         bars = axis.bar(names, values, color=["#999999", "#3b7dd8"])
         axis.bar_label(bars, fmt="%.1f")
+        axis.margins(y=0.15)
         axis.set_title(title, fontsize=10)
     env = report["environment"]
     figure.suptitle(f"U-Net training step, {env['device']}, torch {env['torch']}", fontsize=11)
