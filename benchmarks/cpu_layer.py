@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -21,8 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-import inplace_abn
 from inplace_abn import InPlaceABN, ops
+from inplace_abn.bench import environment
 
 
 def torch_batchnorm(channels: int, activation: str) -> nn.Module:
@@ -122,13 +121,7 @@ def main() -> None:
     report = {
         "command": "python benchmarks/cpu_layer.py "
         + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "json"),
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "cores": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "inplace_abn": inplace_abn.__version__,
-        },
+        "machine": environment(torch.device("cpu")),
         "cases": cases,
     }
     if args.json:

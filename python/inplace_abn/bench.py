@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import __version__
+from . import __version__, ops
 from .abn import InPlaceABN
 
 NormAct = Callable[[int], nn.Module]
@@ -214,13 +214,27 @@ def run(config: Config, stream: TextIO = sys.stderr) -> dict:
     }
 
 
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
+    """Versions and hardware, recorded with every report."""
     env = {
         "inplace_abn": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_name(),
+        "cpu_kernels": torch.ops.inplace_abn.cpu_isa() if ops.uses_native(torch.device("cpu")) else "fallback",
         "threads": torch.get_num_threads(),
         "device": str(device),
     }
