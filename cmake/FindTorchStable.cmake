@@ -4,12 +4,18 @@
 # TORCH_TARGET_VERSION define, and a link to torch_cpu so the loader resolves the stable-ABI C
 # symbols against the copy torch has already loaded.
 
-find_package(Python REQUIRED COMPONENTS Interpreter)
-execute_process(
-  COMMAND "${Python_EXECUTABLE}" -c
-          "import importlib.util, os; s = importlib.util.find_spec('torch'); print(os.path.dirname(s.origin) if s else '')"
-  OUTPUT_VARIABLE TORCH_PACKAGE_DIR
-  OUTPUT_STRIP_TRAILING_WHITESPACE)
+# TORCH_PACKAGE_DIR may be given (e.g. a torch for another platform, when cross-compiling);
+# otherwise it is the torch installed for the Python interpreter.
+set(TORCH_PACKAGE_DIR "" CACHE PATH "The installed torch package (its folder); found with Python when empty")
+if(NOT TORCH_PACKAGE_DIR)
+  find_package(Python REQUIRED COMPONENTS Interpreter)
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" -c
+            "import importlib.util, os; s = importlib.util.find_spec('torch'); print(os.path.dirname(s.origin) if s else '')"
+    OUTPUT_VARIABLE _torch_dir
+    OUTPUT_STRIP_TRAILING_WHITESPACE)
+  set(TORCH_PACKAGE_DIR "${_torch_dir}" CACHE PATH "" FORCE)
+endif()
 if(NOT TORCH_PACKAGE_DIR)
   message(FATAL_ERROR
     "torch is not installed for ${Python_EXECUTABLE}. Install torch>=${INPLACE_ABN_TORCH_TARGET} first "
@@ -42,6 +48,7 @@ while(_len LESS 8)
 endwhile()
 set(TORCH_TARGET_VERSION "0x${TORCH_TARGET_HIGH}00000000ULL")
 
+# TORCH_CPU_LIBRARY may be given too (e.g. an import library made for a cross-compiler).
 find_library(TORCH_CPU_LIBRARY NAMES torch_cpu PATHS "${TORCH_PACKAGE_DIR}/lib" NO_DEFAULT_PATH REQUIRED)
 
 add_library(torch_stable_cpu INTERFACE IMPORTED)

@@ -20,6 +20,8 @@ import torch
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DISABLE_ENV = "INPLACE_ABN_DISABLE_NATIVE"
+# Testing aid: skip the DLL-directory step on Windows, to show the failure it prevents.
+SKIP_DLL_DIRECTORIES_ENV = "INPLACE_ABN_SKIP_DLL_DIRECTORIES"
 
 
 @dataclass
@@ -52,7 +54,7 @@ def _library_file(name: str) -> Path | None:
 
 
 def _add_dll_directories(status: NativeStatus) -> None:
-    if sys.platform != "win32":
+    if sys.platform != "win32" or os.environ.get(SKIP_DLL_DIRECTORIES_ENV, "") not in ("", "0"):
         return
     for folder in (Path(torch.__file__).resolve().parent / "lib", PACKAGE_DIR):
         if folder.is_dir():
