@@ -4,6 +4,16 @@ BatchNorm + an invertible activation in one in-place operation that keeps only i
 backward: about half the training activation memory of BatchNorm + activation.
 """
 
+import sys
+
+try:
+    import torch  # noqa: F401  (first: the native libraries resolve their symbols against torch's)
+except ImportError as _error:
+    raise ImportError(
+        f"inplace_abn needs PyTorch >= 2.10, which cannot be imported in this environment ({sys.executable}): "
+        f"{_error}. Fix: pip install torch (GPU builds: https://pytorch.org/get-started/locally/)"
+    ) from _error
+
 from ._version import __version__
 from .abn import ABN, InPlaceABN, InPlaceABNSync
 from .functions import inplace_abn, inplace_abn_sync

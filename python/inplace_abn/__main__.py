@@ -1,4 +1,4 @@
-"""Command line: `python -m inplace_abn bench` (or `inplace-abn bench`)."""
+"""Command line: `python -m inplace_abn {bench,doctor}` (or `inplace-abn {bench,doctor}`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,15 @@ def _bench(args: list[str]) -> int:
     return main(args)
 
 
+def _doctor(args: list[str]) -> int:
+    from .doctor import main
+
+    return main(args)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "bench": ("U-Net training with BatchNorm2d + LeakyReLU vs InPlaceABN: memory and time", _bench),
+    "doctor": ("diagnose this environment: torch, CUDA, GPUs, native libraries, problems and fixes", _doctor),
 }
 
 

@@ -17,7 +17,7 @@ __all__ = ["backward_input", "backward_reduce", "normalize_act_", "statistics", 
 
 def uses_native(device: torch.device) -> bool:
     """Whether tensors on `device` run the native kernels (else the reference implementation)."""
-    return _native.has_kernels_for(device.type)
+    return _native.has_kernels_for(device)
 
 
 def _impl(t: torch.Tensor) -> types.ModuleType | object:
