@@ -134,8 +134,15 @@ def _built_for(build_info: dict[str, Any], name: str) -> str:
 
 def diagnose_load_error(error: BaseException, name: str, path: Path, env: Environment, build_info: dict) -> Problem:
     """Turns a failed load of the library `name` into a cause and a fix."""
-    text = str(error)
-    winerror = getattr(error, "winerror", None)
+    # torch.ops.load_library re-raises the loader's error as "Could not load this library: <path>":
+    # the system's reason (and the Windows error code) is on the chain of causes.
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    text = "; ".join(str(e) for e in reversed(chain) if str(e))
+    winerror = next((e.winerror for e in chain if getattr(e, "winerror", None)), None)
     if winerror is None:
         match = re.search(r"\[WinError (\d+)\]", text)
         winerror = int(match.group(1)) if match else None
