@@ -1,8 +1,9 @@
+# shellcheck shell=bash
 # Shared by the scripts in this folder: where virtual environments and wheels go, and how they are made.
 # Everything lands under $WORK (default: .work/ in the repository), which git ignores.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-WORK=${INPLACE_ABN_WORK:-$ROOT/.work}
+export WORK=${INPLACE_ABN_WORK:-$ROOT/.work}
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
@@ -24,17 +25,10 @@ make_venv() {
   pip_in "$dir" install --quiet "$@"
 }
 
-# build_wheel: builds the wheel into $WORK/dist with torch $TORCH_VERSION; prints its path.
+# build_wheel [VARIANT]: builds the wheel variant (default cpu) with scripts/wheels/build.sh, the
+# steps the release workflow runs; prints its path.
 build_wheel() {
-  local venv=$WORK/build-venv
-  if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
-    log "build environment: torch $TORCH_VERSION, scikit-build-core, cmake, ninja"
-    make_venv "$venv" "torch==$TORCH_VERSION" "scikit-build-core>=0.10" cmake ninja
-  fi
-  rm -rf "$WORK/dist"
-  log "building the wheel"
-  pip_in "$venv" wheel --quiet --no-build-isolation --no-deps --wheel-dir "$WORK/dist" "$ROOT" >&2
-  ls "$WORK"/dist/inplace_abn-*.whl
+  bash "$ROOT/scripts/wheels/build.sh" "${1:-cpu}"
 }
 
 # install_env DIR WHEEL EXTRA_PACKAGES...: a fresh environment with torch and the wheel installed.

@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
-# The tests, against the built wheel installed in a fresh virtual environment (never the source
-# tree): once with the best CPU kernels for this processor, once with the portable baseline build.
+# The tests: builds the CPU wheel (scripts/wheels/build.sh, the release workflow's steps), installs
+# it in a fresh virtual environment with torch 2.13.0 and runs the tests against it, once with the
+# best CPU kernels for this processor and once with the portable baseline build.
 # Usage: bash scripts/test.sh [pytest arguments]
+# shellcheck source=scripts/common.sh
 source "$(dirname "$0")/common.sh"
-wheel=$(build_wheel)
-install_env "$WORK/test-venv" "$wheel" numpy pytest
-cd "$ROOT"
-log "tests (CPU kernels: $("$WORK/test-venv/bin/python" -c 'import torch, inplace_abn; print(torch.ops.inplace_abn.cpu_isa())'))"
-"$WORK/test-venv/bin/python" -m pytest tests "$@"
-log "tests with the portable baseline CPU kernels (INPLACE_ABN_CPU_ISA=baseline)"
-INPLACE_ABN_CPU_ISA=baseline "$WORK/test-venv/bin/python" -m pytest tests -q "$@"
+wheel=$(build_wheel cpu)
+bash "$ROOT/scripts/test_wheel.sh" "$wheel" "$TORCH_VERSION" -- "$@"

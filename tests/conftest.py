@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-import inplace_abn
+with warnings.catch_warnings(record=True) as _load_warnings:
+    # The loader warns once about its problems (e.g. a CUDA wheel under a CPU-only torch, in the
+    # wheel workflow's tests); the report header shows them, tests assert on them where they matter.
+    warnings.simplefilter("always")
+    import inplace_abn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,11 +24,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     from inplace_abn import _native
 
     status = _native.load()
-    libs = ", ".join(f"{name}: {'loaded' if lib.loaded else lib.error}" for name, lib in status.libraries.items())
+    libs = ", ".join(f"{name}: {'loaded' if lib.loaded else 'not loaded'}" for name, lib in status.libraries.items())
     return [
         f"inplace_abn {inplace_abn.__version__} from {Path(inplace_abn.__file__).parent}",
         f"native: {libs}",
         f"torch {torch.__version__}, CUDA {torch.version.cuda}, GPU: {torch.cuda.is_available()}",
+        *(f"load warning: {w.message}" for w in _load_warnings),
     ]
 
 
