@@ -2,7 +2,9 @@
 # (which insists on a CUDA toolkit for CUDA builds of torch and adds NEEDED entries for
 # libc10/libtorch). Defines the imported target torch_stable_cpu: torch's headers, the
 # TORCH_TARGET_VERSION define, and a link to torch_cpu so the loader resolves the stable-ABI C
-# symbols against the copy torch has already loaded.
+# symbols against the copy torch has already loaded. For a CUDA build of torch it also defines
+# torch_stable_cuda (the same, plus torch_cuda and USE_CUDA, which declares the CUDA shim functions)
+# and TORCH_CUDA_VERSION (e.g. 13.0; empty for a CPU-only torch).
 
 # TORCH_PACKAGE_DIR may be given (e.g. a torch for another platform, when cross-compiling);
 # otherwise it is the torch installed for the Python interpreter.
@@ -56,3 +58,16 @@ target_include_directories(torch_stable_cpu INTERFACE "${TORCH_PACKAGE_DIR}/incl
 target_compile_definitions(torch_stable_cpu INTERFACE TORCH_TARGET_VERSION=${TORCH_TARGET_VERSION})
 target_link_libraries(torch_stable_cpu INTERFACE "${TORCH_CPU_LIBRARY}")
 message(STATUS "torch ${TORCH_BUILD_VERSION} at ${TORCH_PACKAGE_DIR}; binaries target torch>=${INPLACE_ABN_TORCH_TARGET} (${TORCH_TARGET_VERSION})")
+
+# A CUDA build of torch has torch_cuda next to torch_cpu and names its CUDA version in version.py.
+set(TORCH_CUDA_VERSION "")
+if(EXISTS "${TORCH_PACKAGE_DIR}/version.py")
+  file(STRINGS "${TORCH_PACKAGE_DIR}/version.py" _cuda REGEX "^cuda[^=]*= *'[0-9.]+'")
+  string(REGEX REPLACE ".*'([0-9.]+)'.*" "\\1" TORCH_CUDA_VERSION "${_cuda}")
+endif()
+find_library(TORCH_CUDA_LIBRARY NAMES torch_cuda PATHS "${TORCH_PACKAGE_DIR}/lib" NO_DEFAULT_PATH)
+if(TORCH_CUDA_LIBRARY)
+  add_library(torch_stable_cuda INTERFACE IMPORTED)
+  target_link_libraries(torch_stable_cuda INTERFACE torch_stable_cpu "${TORCH_CUDA_LIBRARY}")
+  target_compile_definitions(torch_stable_cuda INTERFACE USE_CUDA)
+endif()

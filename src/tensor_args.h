@@ -116,4 +116,61 @@ inline void check_channel_vector(const std::optional<Tensor>& v, const char* nam
   ABN_CHECK(v->device() == x.device(), name, " must be on the input's device");
 }
 
+// What an operator's checked arguments tell its kernels.
+struct OpArgs {
+  DType dtype;
+  ChannelLayout layout;
+  Activation activation;
+};
+
+// The checks of each operator (ops.cpp), shared by the CPU and CUDA entry points; `device_ok`
+// says whether the tensor is on the device of the kernels called.
+inline OpArgs check_statistics(const Tensor& x, bool device_ok) {
+  ABN_CHECK(device_ok, "the kernels were called with a tensor on another device");
+  return {dtype_of(x, "x"), channel_layout(x, "x"), Activation::Identity};
+}
+
+inline OpArgs check_normalize_act(const Tensor& x, const Tensor& mean, const Tensor& var,
+                                  const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                                  const std::string& activation, double activation_param,
+                                  const std::optional<Tensor>& preact, bool device_ok) {
+  OpArgs args = check_statistics(x, device_ok);
+  args.activation = parse_activation(activation, activation_param);
+  check_channel_vector(mean, "mean", args.layout.C, x);
+  check_channel_vector(var, "var", args.layout.C, x);
+  check_channel_vector(weight, "weight", args.layout.C, x);
+  check_channel_vector(bias, "bias", args.layout.C, x);
+  ABN_CHECK(!preact.has_value() || args.activation == Activation::Relu,
+            "preact is only written for activation 'relu' (the other activations are invertible)");
+  if (preact.has_value()) check_same_geometry(x, "x", *preact, "preact");
+  return args;
+}
+
+inline OpArgs check_backward_reduce(const Tensor& y, const Tensor& dy, const std::optional<Tensor>& weight,
+                                    const std::optional<Tensor>& bias, const std::string& activation,
+                                    double activation_param, bool device_ok) {
+  ABN_CHECK(device_ok, "the kernels were called with a tensor on another device");
+  const DType dtype = dtype_of(y, "y");
+  check_same_geometry(y, "y", dy, "dy");
+  const Activation act = parse_activation(activation, activation_param);
+  const ChannelLayout layout = channel_layout(y, "y");
+  check_channel_vector(weight, "weight", layout.C, y);
+  check_channel_vector(bias, "bias", layout.C, y);
+  return {dtype, layout, act};
+}
+
+inline OpArgs check_backward_input(const Tensor& y, const Tensor& dy, const Tensor& var,
+                                   const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                                   const std::optional<Tensor>& sum_dz, const std::optional<Tensor>& sum_dz_xhat,
+                                   int64_t count, const std::string& activation, double activation_param,
+                                   bool device_ok) {
+  const OpArgs args = check_backward_reduce(y, dy, weight, bias, activation, activation_param, device_ok);
+  check_channel_vector(var, "var", args.layout.C, y);
+  check_channel_vector(sum_dz, "sum_dz", args.layout.C, y);
+  check_channel_vector(sum_dz_xhat, "sum_dz_xhat", args.layout.C, y);
+  ABN_CHECK(sum_dz.has_value() == sum_dz_xhat.has_value(), "sum_dz and sum_dz_xhat must be given together");
+  ABN_CHECK(!sum_dz.has_value() || count > 0, "count must be positive, got ", count);
+  return args;
+}
+
 }  // namespace inplace_abn

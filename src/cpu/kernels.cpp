@@ -15,8 +15,6 @@
 #include <memory>
 #include <type_traits>
 
-#include <torch/csrc/stable/ops.h>  // torch::stable::parallel_for
-
 #include "../abn_math.h"
 #include "float16.h"
 #include "kernels.h"
@@ -41,7 +39,9 @@ int64_t ceil_div(int64_t a, int64_t b) {
 template <typename F>
 void parallel_for(int64_t count, int64_t grain, const F& f) {
   if (count <= 0) return;
-  torch::stable::parallel_for(0, count, std::max<int64_t>(grain, 1), f);
+  run_parallel(
+      count, std::max<int64_t>(grain, 1),
+      [](const void* body, int64_t begin, int64_t end) { (*static_cast<const F*>(body))(begin, end); }, &f);
 }
 
 // A zero-initialized array owned by the kernel (scratch for partial results).

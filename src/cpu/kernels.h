@@ -28,6 +28,12 @@ struct KernelTable {
                          Activation activation, double activation_param);
 };
 
+// Calls chunk(body, begin, end) over chunks of [0, count) of at least `grain` values, on torch's
+// intra-op thread pool. Defined once, in ops_cpu.cpp: kernels.cpp includes no torch header, whose
+// inline functions would otherwise be shared between the instruction-set builds (see types.h).
+void run_parallel(int64_t count, int64_t grain, void (*chunk)(const void* body, int64_t begin, int64_t end),
+                  const void* body);
+
 namespace baseline {
 extern const KernelTable kernels;  // the compiler's default target (SSE2 on x86-64)
 }

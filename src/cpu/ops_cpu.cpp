@@ -24,6 +24,12 @@
 #endif
 
 namespace inplace_abn::cpu {
+
+void run_parallel(int64_t count, int64_t grain, void (*chunk)(const void* body, int64_t begin, int64_t end),
+                  const void* body) {
+  torch::stable::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) { chunk(body, begin, end); });
+}
+
 namespace {
 
 #if defined(ABN_HAVE_AVX2)
@@ -57,10 +63,6 @@ const KernelTable& select_kernels() {
 const KernelTable& kernels() {
   static const KernelTable& table = select_kernels();
   return table;
-}
-
-void check_cpu(const Tensor& t) {
-  ABN_CHECK(t.is_cpu(), "the CPU kernels were called with a tensor on another device");
 }
 
 // A per-channel vector of any float dtype as `acc` values (`fallback` where absent).
@@ -100,9 +102,7 @@ void with_accumulate_type(const Tensor& x, const F& f) {
 }
 
 std::tuple<Tensor, Tensor> statistics(const Tensor& x) {
-  check_cpu(x);
-  const DType dtype = dtype_of(x, "x");
-  const ChannelLayout l = channel_layout(x, "x");
+  const auto [dtype, l, act] = check_statistics(x, x.is_cpu());
   Tensor mean = torch::stable::new_empty(x, {l.C}, accumulate_scalar_type(x));
   Tensor var = torch::stable::new_empty(x, {l.C}, accumulate_scalar_type(x));
   kernels().statistics(dtype, x.const_data_ptr(), l, mean.mutable_data_ptr(), var.mutable_data_ptr());
@@ -112,17 +112,8 @@ std::tuple<Tensor, Tensor> statistics(const Tensor& x) {
 void normalize_act_(const Tensor& x, const Tensor& mean, const Tensor& var, const std::optional<Tensor>& weight,
                     const std::optional<Tensor>& bias, double eps, const std::string& activation,
                     double activation_param, const std::optional<Tensor>& preact) {
-  check_cpu(x);
-  const DType dtype = dtype_of(x, "x");
-  const Activation act = parse_activation(activation, activation_param);
-  const ChannelLayout l = channel_layout(x, "x");
-  check_channel_vector(mean, "mean", l.C, x);
-  check_channel_vector(var, "var", l.C, x);
-  check_channel_vector(weight, "weight", l.C, x);
-  check_channel_vector(bias, "bias", l.C, x);
-  ABN_CHECK(!preact.has_value() || act == Activation::Relu,
-            "preact is only written for activation 'relu' (the other activations are invertible)");
-  if (preact.has_value()) check_same_geometry(x, "x", *preact, "preact");
+  const auto [dtype, l, act] =
+      check_normalize_act(x, mean, var, weight, bias, activation, activation_param, preact, x.is_cpu());
   with_accumulate_type(x, [&](auto tag) {
     using acc = decltype(tag);
     const acc e = static_cast<acc>(eps);
@@ -144,13 +135,7 @@ void normalize_act_(const Tensor& x, const Tensor& mean, const Tensor& var, cons
 std::tuple<Tensor, Tensor> backward_reduce(const Tensor& y, const Tensor& dy, const std::optional<Tensor>& weight,
                                            const std::optional<Tensor>& bias, double eps,
                                            const std::string& activation, double activation_param) {
-  check_cpu(y);
-  const DType dtype = dtype_of(y, "y");
-  check_same_geometry(y, "y", dy, "dy");
-  const Activation act = parse_activation(activation, activation_param);
-  const ChannelLayout l = channel_layout(y, "y");
-  check_channel_vector(weight, "weight", l.C, y);
-  check_channel_vector(bias, "bias", l.C, y);
+  const auto [dtype, l, act] = check_backward_reduce(y, dy, weight, bias, activation, activation_param, y.is_cpu());
   Tensor sum_dz = torch::stable::new_empty(y, {l.C}, accumulate_scalar_type(y));
   Tensor sum_dz_xhat = torch::stable::new_empty(y, {l.C}, accumulate_scalar_type(y));
   with_accumulate_type(y, [&](auto tag) {
@@ -175,19 +160,9 @@ Tensor backward_input(const Tensor& y, const Tensor& dy, const Tensor& var, cons
                       const std::optional<Tensor>& bias, const std::optional<Tensor>& sum_dz,
                       const std::optional<Tensor>& sum_dz_xhat, int64_t count, double eps,
                       const std::string& activation, double activation_param) {
-  check_cpu(y);
-  const DType dtype = dtype_of(y, "y");
-  check_same_geometry(y, "y", dy, "dy");
-  const Activation act = parse_activation(activation, activation_param);
-  const ChannelLayout l = channel_layout(y, "y");
-  check_channel_vector(var, "var", l.C, y);
-  check_channel_vector(weight, "weight", l.C, y);
-  check_channel_vector(bias, "bias", l.C, y);
-  check_channel_vector(sum_dz, "sum_dz", l.C, y);
-  check_channel_vector(sum_dz_xhat, "sum_dz_xhat", l.C, y);
-  ABN_CHECK(sum_dz.has_value() == sum_dz_xhat.has_value(), "sum_dz and sum_dz_xhat must be given together");
+  const auto [dtype, l, act] = check_backward_input(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count, activation,
+                                                     activation_param, y.is_cpu());
   const bool training = sum_dz.has_value();
-  ABN_CHECK(!training || count > 0, "count must be positive, got ", count);
   Tensor dx = torch::stable::empty_like(y);
   check_same_geometry(y, "y", dx, "dx");
   with_accumulate_type(y, [&](auto tag) {

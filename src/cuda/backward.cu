@@ -1,0 +1,148 @@
+// Backward kernels: the per-channel reduction of sum(dz) and sum(dz * xhat), and the input gradient,
+// both recovering (z, dz) from the kept output y (the pre-activation for relu) and dy.
+#include "common.cuh"
+
+namespace inplace_abn::cuda {
+namespace {
+
+// sum(dz) and sum(dz * (z - b)); the second is divided by s = |w| + eps once per channel at the end
+// (xhat = (z - b) / s), as the CPU kernels do. The terms cancel (the sums are small next to them), so
+// each thread adds runs of kFoldEvery values in the accumulate type and folds them into double; the
+// merges across threads, blocks and ranges are in double too.
+template <typename T, Activation act>
+struct GradientSumsOp {
+  using acc = acc_type<T>;
+  using Partial = Sums<double>;
+  template <int V>
+  struct Item {
+    acc y[V], dy[V];
+  };
+  struct Slot {
+    acc bias, dz, dz_centered;
+    Sums<double> total;
+  };
+
+  const T* y;
+  const T* dy;
+  ChannelVector weight, bias;
+  acc eps;
+  ActivationParam<acc> param;
+  acc* sum_dz;
+  acc* sum_dz_xhat;
+
+  template <int V>
+  __device__ void load(int64_t offset, Item<V>& item) const {
+    cuda::load<V>(y + offset, item.y);
+    cuda::load<V>(dy + offset, item.dy);
+  }
+  __device__ Slot slot(int64_t c) const {
+    return {channel_value(bias, c, acc(0)), acc(0), acc(0), {0.0, 0.0}};
+  }
+  template <typename I>
+  __device__ void prime(Slot&, const I&, int) const {}
+  template <typename I>
+  __device__ void add(Slot& s, const I& item, int j) const {
+    acc z, dz;
+    ActivationOps<act>::recover(item.y[j], item.dy[j], param, z, dz);
+    s.dz += dz;
+    s.dz_centered += dz * (z - s.bias);
+  }
+  __device__ void fold(Slot& s, int) const {
+    s.total.dz += double(s.dz);
+    s.total.dz_centered += double(s.dz_centered);
+    s.dz = s.dz_centered = acc(0);
+  }
+  __device__ Partial partial(Slot& s, int count) const {
+    fold(s, count);
+    return s.total;
+  }
+  __device__ void finish(int64_t c, const Partial& p) const {
+    const double scale = affine_scale(channel_value(weight, c, acc(1)), weight.data != nullptr, eps);
+    sum_dz[c] = acc(p.dz);
+    sum_dz_xhat[c] = acc(p.dz_centered / scale);
+  }
+};
+
+// dx = dz_scale * dz + centered_scale * (z - b) + offset (abn_math.h's input_grad).
+template <typename T, Activation act>
+struct InputGradOp {
+  using acc = acc_type<T>;
+  const T* y;
+  const T* dy;
+  T* dx;
+  const InputGradCoeffs<acc>* coeffs;
+  ActivationParam<acc> param;
+
+  template <int V, typename Coeffs>
+  __device__ __forceinline__ void apply(int64_t offset, const Coeffs& coeff_of) const {
+    acc vy[V], vdy[V];
+    load<V>(y + offset, vy);
+    load<V>(dy + offset, vdy);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      acc z, dz;
+      ActivationOps<act>::recover(vy[j], vdy[j], param, z, dz);
+      vy[j] = input_grad(coeff_of(j), z, dz);
+    }
+    store<V>(dx + offset, vy);
+  }
+};
+
+template <typename acc>
+__global__ void __launch_bounds__(kThreads)
+    input_grad_coeffs_kernel(int64_t channels, ChannelVector var, ChannelVector weight, ChannelVector bias,
+                             ChannelVector sum_dz, ChannelVector sum_dz_xhat, acc count, acc eps,
+                             InputGradCoeffs<acc>* out) {
+  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= channels) return;
+  const acc s = affine_scale(channel_value(weight, c, acc(1)), weight.data != nullptr, eps);
+  out[c] = input_grad_coeffs(channel_value(var, c, acc(1)), s, channel_value(bias, c, acc(0)), eps,
+                             sum_dz.data != nullptr, channel_value(sum_dz, c, acc(0)),
+                             channel_value(sum_dz_xhat, c, acc(0)), count);
+}
+
+}  // namespace
+
+void backward_reduce(const LaunchContext& ctx, DType dtype, const void* y, const void* dy, const ChannelLayout& layout,
+                     ChannelVector weight, ChannelVector bias, double eps, Activation activation,
+                     double activation_param_value, void* sum_dz, void* sum_dz_xhat) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using acc = acc_type<T>;
+    double p = activation_param_value;
+    dispatch_activation(activation, p, [&](auto act) {
+      const GradientSumsOp<T, decltype(act)::value> op{static_cast<const T*>(y),
+                                                        static_cast<const T*>(dy),
+                                                        weight,
+                                                        bias,
+                                                        static_cast<acc>(eps),
+                                                        activation_param<acc>(p),
+                                                        static_cast<acc*>(sum_dz),
+                                                        static_cast<acc*>(sum_dz_xhat)};
+      launch_reduction<T>(ctx, op, layout, aligned(y) && aligned(dy));
+    });
+  });
+}
+
+void backward_input(const LaunchContext& ctx, DType dtype, const void* y, const void* dy, void* dx,
+                    const ChannelLayout& layout, ChannelVector var, ChannelVector weight, ChannelVector bias,
+                    ChannelVector sum_dz, ChannelVector sum_dz_xhat, int64_t count, double eps,
+                    Activation activation, double activation_param_value) {
+  if (layout.C == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using acc = acc_type<T>;
+    auto* coeffs = static_cast<InputGradCoeffs<acc>*>(ctx.workspace(int64_t(sizeof(InputGradCoeffs<acc>)) * layout.C));
+    launch(input_grad_coeffs_kernel<acc>, dim3(unsigned(ceil_div(layout.C, kThreads))), dim3(kThreads), ctx, layout.C,
+           var, weight, bias, sum_dz, sum_dz_xhat, static_cast<acc>(count), static_cast<acc>(eps), coeffs);
+    const bool vectorize = aligned(y) && aligned(dy) && aligned(dx);
+    double p = activation_param_value;
+    dispatch_activation(activation, p, [&](auto act) {
+      const InputGradOp<T, decltype(act)::value> op{static_cast<const T*>(y), static_cast<const T*>(dy),
+                                                    static_cast<T*>(dx), coeffs, activation_param<acc>(p)};
+      launch_elementwise<T>(ctx, op, layout, vectorize);
+    });
+  });
+}
+
+}  // namespace inplace_abn::cuda
