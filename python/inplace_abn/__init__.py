@@ -16,15 +16,20 @@ except ImportError as _error:
 
 from ._version import __version__
 from .abn import ABN, InPlaceABN, InPlaceABNSync
+from .convert import Conversion, convert_sync_inplace_abn, convert_to_batchnorm, convert_to_inplace_abn
 from .functions import inplace_abn, inplace_abn_sync
 from .group import active_group, set_active_group
 
 __all__ = [
     "ABN",
+    "Conversion",
     "InPlaceABN",
     "InPlaceABNSync",
     "__version__",
     "active_group",
+    "convert_sync_inplace_abn",
+    "convert_to_batchnorm",
+    "convert_to_inplace_abn",
     "inplace_abn",
     "inplace_abn_sync",
     "set_active_group",

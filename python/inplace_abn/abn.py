@@ -101,13 +101,20 @@ class ABN(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
-    def _momentum_and_training(self) -> tuple[float, bool]:
-        """Momentum of this step (1 / batches seen for momentum=None) and whether to use batch statistics."""
-        momentum = 0.0 if self.momentum is None else self.momentum
+    def _momentum_and_training(self, tensor_momentum: bool = False) -> tuple[Any, bool]:
+        """Momentum of this step (1 / batches seen for momentum=None) and whether to use batch statistics.
+
+        With tensor_momentum, under torch.compile, momentum=None gives a tensor: a Python number read
+        from num_batches_tracked would be an .item() in the graph (a device synchronization every step).
+        """
+        momentum: Any = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
+                if tensor_momentum and torch.compiler.is_compiling():
+                    momentum = 1.0 / self.num_batches_tracked.double()
+                else:
+                    momentum = 1.0 / float(self.num_batches_tracked)
         training = self.training or (self.running_mean is None and self.running_var is None)
         return momentum, training
 
@@ -176,7 +183,7 @@ class InPlaceABN(ABN):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        momentum, training = self._momentum_and_training()
+        momentum, training = self._momentum_and_training(tensor_momentum=True)
         running_mean, running_var = self._running_stats()
         return inplace_abn(
             x,
@@ -213,13 +220,20 @@ class InPlaceABNSync(ABN):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, activation_param)
         self.group = group
 
+    @classmethod
+    def convert_sync_inplace_abn(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """Replaces every InPlaceABN in `module` by InPlaceABNSync (see inplace_abn.convert_sync_inplace_abn)."""
+        from .convert import convert_sync_inplace_abn
+
+        return convert_sync_inplace_abn(module, process_group)
+
     def set_group(self, group: Any) -> None:
         """Sets the process group to synchronize with (None: the default group); not between forward and backward."""
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        momentum, training = self._momentum_and_training()
+        momentum, training = self._momentum_and_training(tensor_momentum=True)
         running_mean, running_var = self._running_stats()
         return inplace_abn_sync(
             x,

@@ -4,6 +4,12 @@ The forward overwrites x with y = act(BatchNorm(x)) and keeps only y (plus per-c
 for backward, which recovers the normalized input by inverting the activation and the affine
 step. "relu" (and leaky_relu / elu with activation_param=0) is not invertible where y = 0: for it
 the pre-activation is kept as well, so gradients stay exact but no memory is saved.
+
+Under torch.compile Dynamo traces the same operators and backward (fake kernels give shapes), out of
+place (see _TracedABN): the compiler plans the buffers, and the layer still keeps only its output for
+backward. While exporting (torch.export, torch.onnx.export, torch.jit.trace), eval mode is written
+with standard operators instead (batch_norm with weight |w| + eps, then the activation), so that
+exported programs need no custom operator.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ from typing import Any
 
 import torch
 import torch.distributed as distributed
+import torch.nn.functional as functional
 from torch.autograd.function import once_differentiable
 
 from . import ops
 from ._sync import LocalReduction, Reduction, reduction_for_group
 
-__all__ = ["ACTIVATIONS", "inplace_abn", "inplace_abn_sync"]
+__all__ = ["ACTIVATIONS", "batch_norm_act", "inplace_abn", "inplace_abn_sync"]
 
 ACTIVATIONS = ("leaky_relu", "elu", "identity", "relu")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -30,6 +37,12 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+# Under torch.compile the call runs once while tracing (a constant result to Dynamo), not in the graph
+# (a warning there would break it). This is what torch.compiler.assume_constant_result does, without
+# importing torch._dynamo (seconds) when this package is imported.
+_warn_once._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def native_activation(activation: str, activation_param: float) -> str:
@@ -47,6 +60,8 @@ def check_activation(activation: Any, activation_param: Any) -> None:
     """Raises ValueError unless `activation` is supported and `activation_param` is a finite number >= 0."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
+    if torch.compiler.is_compiling():
+        return  # may be symbolic while tracing; the operators check it again
     if isinstance(activation_param, bool) or not isinstance(activation_param, (int, float)):
         raise ValueError(f"activation_param must be a number, got {type(activation_param).__name__}")
     if not math.isfinite(activation_param) or activation_param < 0:
@@ -79,7 +94,12 @@ def _check_arguments(
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"inplace_abn supports float32, float64, float16 and bfloat16 inputs, got {x.dtype}")
     check_activation(activation, activation_param)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+    # While tracing (torch.compile, export) numbers may be symbolic and momentum a tensor: their values
+    # were checked when the module was built and are checked again by the operators.
+    tracing = torch.compiler.is_compiling()
+    if not tracing and (
+        isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps))
+    ):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     channels, device = x.size(1), x.device
     for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
@@ -102,7 +122,7 @@ def _check_arguments(
         raise ValueError(
             "training=False normalizes with the running statistics, but running_mean and running_var are None"
         )
-    if training and running_mean is not None:
+    if training and running_mean is not None and not tracing and not isinstance(momentum, torch.Tensor):
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not math.isfinite(momentum):
             raise ValueError(f"momentum must be a finite number when updating running statistics, got {momentum!r}")
     if any(size > 1 and stride == 0 for size, stride in zip(x.shape, x.stride(), strict=True)):
@@ -138,10 +158,16 @@ def _update_running_stats(
     running_var: torch.Tensor,
     mean: torch.Tensor,
     var: torch.Tensor,
-    count: int,
-    momentum: float,
+    count: int | torch.Tensor,
+    momentum: float | torch.Tensor,
 ) -> None:
-    """EMA of the batch mean and of the unbiased batch variance (global count): r <- r + momentum * (b - r)."""
+    """EMA of the batch mean and of the unbiased batch variance (global count): r <- r + momentum * (b - r).
+
+    `count` is a tensor for synchronized statistics under torch.compile, `momentum` a tensor for
+    momentum=None (1 / batches seen) under torch.compile: no value leaves the graph.
+    """
+    if isinstance(momentum, torch.Tensor):
+        momentum = momentum.to(running_mean.dtype)
     running_mean.lerp_(mean.to(running_mean.dtype), momentum)
     running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
@@ -153,13 +179,13 @@ def _forward(
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
     training: bool,
-    momentum: float,
+    momentum: float | torch.Tensor,
     eps: float,
     activation: str,
     activation_param: float,
     reduction: Reduction,
     keep_preact: bool,
-) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor, torch.Tensor | None]:
     """Normalizes x in place. Returns (what backward keeps, variance used, count, preact)."""
     work = x if _kernel_layout(x) else x.contiguous()
     count = x.numel() // x.size(1)
@@ -179,44 +205,53 @@ def _forward(
     return (preact if preact is not None else x), var, count, preact
 
 
+def _forward_for_backward(
+    ctx: Any,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: float | torch.Tensor,
+    eps: float,
+    activation: str,
+    activation_param: float,
+    reduction: Reduction,
+) -> None:
+    """Normalizes x in place and records in ctx what backward needs."""
+    kept, var, count, _ = _forward(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        activation,
+        activation_param,
+        reduction,
+        keep_preact=True,
+    )
+    ctx.training = training
+    ctx.eps = eps
+    ctx.activation = native_activation(activation, activation_param)
+    ctx.activation_param = activation_param
+    # The local count follows from the kept tensor's shape in backward (a count recorded here would be
+    # a constant to torch.compile, which would then recompile for every batch size).
+    ctx.count = None if isinstance(reduction, LocalReduction) else count
+    ctx.reduction = reduction
+    ctx.save_for_backward(kept, var, weight, bias)
+
+
 class _InPlaceABN(torch.autograd.Function):
+    """Overwrites x with the output (mark_dirty) and keeps only the output for backward."""
+
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        training: bool,
-        momentum: float,
-        eps: float,
-        activation: str,
-        activation_param: float,
-        reduction: Reduction,
-    ) -> torch.Tensor:
-        kept, var, count, _ = _forward(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            training,
-            momentum,
-            eps,
-            activation,
-            activation_param,
-            reduction,
-            keep_preact=True,
-        )
-        ctx.training = training
-        ctx.eps = eps
-        ctx.activation = native_activation(activation, activation_param)
-        ctx.activation_param = activation_param
-        ctx.count = count
-        ctx.reduction = reduction
+    def forward(ctx: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        _forward_for_backward(ctx, x, *args)
         ctx.mark_dirty(x)
-        ctx.save_for_backward(kept, var, weight, bias)
         return x
 
     @staticmethod
@@ -226,7 +261,11 @@ class _InPlaceABN(torch.autograd.Function):
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         if not _kernel_layout(kept):
             kept = kept.contiguous()
-        if not _same_strides(dy, kept):
+        if torch.compiler.is_compiling():
+            # A stride-by-stride comparison trips Dynamo with dynamic shapes; the kernels need dy laid out
+            # like kept, which these calls give (without a copy where it already is).
+            dy = dy.contiguous() if kept.is_contiguous() else dy.movedim(1, -1).contiguous().movedim(-1, 1)
+        elif not _same_strides(dy, kept):
             dy = torch.empty_like(kept).copy_(dy)
         param = ctx.activation_param if ctx.activation != "relu" else 0.0
         sum_dz = sum_dz_xhat = None
@@ -234,13 +273,22 @@ class _InPlaceABN(torch.autograd.Function):
             sum_dz, sum_dz_xhat = ops.backward_reduce(kept, dy, weight, bias, ctx.eps, ctx.activation, param)
         dx = None
         if need_x:
+            count = ctx.count if ctx.count is not None else kept.numel() // kept.size(1)
             if ctx.training:
                 assert sum_dz is not None and sum_dz_xhat is not None
                 global_dz, global_dz_xhat = ctx.reduction.sums(sum_dz, sum_dz_xhat)
+                if isinstance(count, torch.Tensor) or torch.compiler.is_compiling():
+                    # The operator's count is a plain int, which torch.compile would specialize on (a
+                    # recompilation per batch size); a symbolic count (or the synchronized count tensor)
+                    # divides the sums in the graph instead.
+                    global_dz, global_dz_xhat = global_dz / count, global_dz_xhat / count
+                    count = 1
             else:
                 global_dz = global_dz_xhat = None
+                if torch.compiler.is_compiling():
+                    count = 1  # unused without sums
             dx = ops.backward_input(
-                kept, dy, var, weight, bias, global_dz, global_dz_xhat, ctx.count, ctx.eps, ctx.activation, param
+                kept, dy, var, weight, bias, global_dz, global_dz_xhat, count, ctx.eps, ctx.activation, param
             )
         dweight = dbias = None
         if need_weight and weight is not None and sum_dz_xhat is not None:
@@ -249,6 +297,52 @@ class _InPlaceABN(torch.autograd.Function):
         if need_bias and bias is not None and sum_dz is not None:
             dbias = sum_dz.to(bias.dtype)
         return (dx, dweight, dbias) + (None,) * 8
+
+
+class _TracedABN(_InPlaceABN):
+    """The same under torch.compile, on a copy of x and without mark_dirty.
+
+    AOTAutograd (torch 2.13, 2.14) gets the input gradient of an autograd.Function that marks a graph
+    input dirty wrong: a compiled region that starts at the layer (a graph break or a DistributedDataParallel
+    bucket boundary before it, or a compiled InPlaceABN alone) would silently get wrong gradients.
+    Out of place there is no such input. Inductor removes the copy where x is not used afterwards
+    (normalizing in place), and the layer still keeps only its output for backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        y = x.clone()
+        _forward_for_backward(ctx, y, *args)
+        return y
+
+
+def _exporting() -> bool:
+    """Whether the call is being recorded for export (torch.export, torch.onnx.export, torch.jit.trace)."""
+    # torch.onnx.export uses torch.export (dynamo=True, the default) or torch.jit.trace (dynamo=False).
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def batch_norm_act(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> torch.Tensor:
+    """Eval-mode In-Place ABN in standard operators, not in place: batch_norm with weight |w| + eps, then the
+    activation. Exported programs (torch.export, ONNX: BatchNormalization + LeakyRelu / Elu / Relu) use it."""
+    scale = None if weight is None else weight.abs() + eps
+    y = functional.batch_norm(x, running_mean, running_var, scale, bias, False, 0.0, eps)
+    if activation == "leaky_relu":
+        return functional.leaky_relu(y, activation_param)
+    if activation == "elu":
+        return functional.elu(y, activation_param)
+    if activation == "relu":
+        return functional.relu(y)
+    return y
 
 
 def _apply(
@@ -273,7 +367,8 @@ def _apply(
         )
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad:
-        return _InPlaceABN.apply(
+        function = _TracedABN if torch.compiler.is_compiling() else _InPlaceABN
+        return function.apply(
             x,
             weight,
             bias,
@@ -351,6 +446,9 @@ def inplace_abn(
         activation_param,
         min_values_per_channel=2,
     )
+    if not training and _exporting():
+        assert running_mean is not None and running_var is not None
+        return batch_norm_act(x, weight, bias, running_mean, running_var, eps, activation, activation_param)
     return _apply(
         x,
         weight,
@@ -399,6 +497,9 @@ def inplace_abn_sync(
         activation_param,
         min_values_per_channel=0 if synchronized else 2,
     )
+    if not training and _exporting():
+        assert running_mean is not None and running_var is not None
+        return batch_norm_act(x, weight, bias, running_mean, running_var, eps, activation, activation_param)
     if synchronized:
         reduction: Reduction = reduction_for_group(group)
     else:

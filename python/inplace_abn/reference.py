@@ -69,8 +69,11 @@ def _recover(saved: torch.Tensor, dy: torch.Tensor, activation: str, param: floa
 
 
 def statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of a (N, C, *) tensor."""
-    var, mean = torch.var_mean(x.to(accumulate_dtype(x.dtype)), dim=_reduce_dims(x), correction=0)
+    """Per-channel mean and biased variance of a (N, C, *) tensor (zeros when it holds no values, as the kernels)."""
+    acc = accumulate_dtype(x.dtype)
+    if x.numel() == 0:
+        return x.new_zeros(x.size(1), dtype=acc), x.new_zeros(x.size(1), dtype=acc)
+    var, mean = torch.var_mean(x.to(acc), dim=_reduce_dims(x), correction=0)
     return mean, var
 
 
