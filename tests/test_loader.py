@@ -145,6 +145,18 @@ def test_windows_load_errors(tmp_path, code, text, cause, fix):
     assert added == [str(tmp_path / "torch_lib"), str(tmp_path)] == status.dll_directories
 
 
+def test_windows_missing_dependency_as_ctypes_reports_it(tmp_path):
+    """CPython's ctypes turns error 126 into a FileNotFoundError with no winerror (text seen under Wine)."""
+    dll = tmp_path / "inplace_abn_cpu.dll"
+    cause = FileNotFoundError(
+        f"Could not find module '{dll}' (or one of its dependencies). Try using the full path with constructor syntax."
+    )
+    env, _ = environment(package(tmp_path, "win32", cuda=False), platform="win32", fail={"cpu": cause})
+    (problem,) = load_native(env).problems()
+    assert "a DLL it depends on was not found" in problem.cause and "vc_redist" in problem.fix
+    assert "(or one of its dependencies)" in problem.message()
+
+
 def test_windows_dll_directories_are_added_and_kept(tmp_path):
     (tmp_path / "torch_lib").mkdir()
     handles: list[str] = []

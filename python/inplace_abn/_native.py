@@ -151,7 +151,10 @@ def diagnose_load_error(error: BaseException, name: str, path: Path, env: Enviro
         f"{_torch_description(env)}, library built for {_built_for(build_info, name)}"
     )
     reinstall = "pip install --force-reinstall --no-deps inplace-abn (the variant matching torch, see the README)"
-    if winerror == 126 or "cannot open shared object file" in text or "No such file" in text:
+    # ctypes reports error 126 as a FileNotFoundError without a winerror: "Could not find module '<path>'
+    # (or one of its dependencies)".
+    missing = ("cannot open shared object file", "No such file", "(or one of its dependencies)")
+    if winerror == 126 or any(marker in text for marker in missing):
         cause = (
             "a DLL it depends on was not found: torch's DLLs (torch is imported first and its lib folder added to "
             "the DLL search path, so a broken torch install or a CUDA library loaded under a CPU-only torch), or "
