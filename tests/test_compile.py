@@ -18,6 +18,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from saved_memory import conv_stack, saved_storages
 
 from inplace_abn import InPlaceABN, InPlaceABNSync, functions, inplace_abn
 
@@ -256,30 +257,6 @@ def test_functional_call_in_compiled_function():
     assert_close(running_var, 0.9 + 0.1 * (x * 2).var(dim=(0, 2)), torch.float64, "running_var")
 
 
-def saved_storages(fn) -> dict[int, int]:
-    """{storage address: bytes} of every tensor autograd keeps for backward while fn() runs."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return storages
-
-
-def conv_stack(in_place_abn: bool, blocks: int, channels: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for _ in range(blocks):
-        layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=False))
-        if in_place_abn:
-            layers.append(InPlaceABN(channels))
-        else:
-            layers += [nn.BatchNorm2d(channels), nn.LeakyReLU(0.01, inplace=True)]
-    return nn.Sequential(*layers)
-
-
 def test_memory_saving_holds_under_compile():
     """A compiled conv stack keeps one full-size tensor per In-Place ABN layer (its output, which the next
     convolution keeps anyway), where the compiled BatchNorm + LeakyReLU stack keeps two per layer.
@@ -291,7 +268,7 @@ def test_memory_saving_holds_under_compile():
     blocks, x = 4, torch.randn(2, 8, 8, 8)
     large = {}
     for in_place_abn in (False, True):
-        stack = torch.compile(conv_stack(in_place_abn, blocks, 8), backend="aot_eager_decomp_partition")
+        stack = torch.compile(conv_stack(blocks, 8, in_place_abn), backend="aot_eager_decomp_partition")
         stack(x.clone().requires_grad_())  # compile outside the measurement
         saved = saved_storages(lambda stack=stack: stack(x.clone().requires_grad_()))
         large[in_place_abn] = sorted(size for size in saved.values() if size >= x.nbytes)

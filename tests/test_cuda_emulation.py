@@ -50,8 +50,6 @@ def _cuda_include() -> Path | None:
 
 @pytest.fixture(scope="module")
 def emu():
-    if os.environ.get("INPLACE_ABN_CPU_ISA") == "baseline":
-        pytest.skip("independent of the CPU kernels: runs in the pass with the default ones")
     include = _cuda_include()
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if not all(p.exists() for p in SOURCES[:2]) or not (REPO / "src" / "cuda").is_dir():

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
+from saved_memory import conv_stack, saved_storages
 from torch.profiler import ProfilerActivity, profile
 
 from inplace_abn import InPlaceABN, _native, functions
@@ -18,19 +18,6 @@ from inplace_abn import InPlaceABN, _native, functions
 needs_native = pytest.mark.skipif(
     os.environ.get(_native.DISABLE_ENV, "") not in ("", "0"), reason="the fallback allocates temporaries"
 )
-
-
-def saved_storages(fn) -> dict[int, int]:
-    """Runs fn() and returns {storage address: bytes} of every tensor autograd saved meanwhile."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return storages
 
 
 @pytest.mark.parametrize("activation,param", [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0)])
@@ -62,17 +49,6 @@ def test_relu_keeps_its_pre_activation_too():
     assert len([w for w in record if "not invertible" in str(w.message)]) == 1
     assert sum(1 for size in saved.values() if size >= x.nbytes) == 1
     assert inputs.untyped_storage().data_ptr() not in saved
-
-
-def conv_stack(blocks: int, channels: int, in_place_abn: bool) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for _ in range(blocks):
-        layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=False))
-        if in_place_abn:
-            layers.append(InPlaceABN(channels))
-        else:
-            layers += [nn.BatchNorm2d(channels), nn.LeakyReLU(0.01, inplace=True)]
-    return nn.Sequential(*layers)
 
 
 def test_conv_stack_keeps_at_most_55_percent_of_batchnorm_stack():
