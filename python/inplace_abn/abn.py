@@ -123,6 +123,24 @@ class ABN(nn.Module):
             return None, None
         return self.running_mean, self.running_var
 
+    def _functional_arguments(self, x: torch.Tensor) -> tuple[Any, ...]:
+        """Checks x and advances the batch count; the arguments of inplace_abn / inplace_abn_sync, in order."""
+        self._check_input(x)
+        momentum, training = self._momentum_and_training(tensor_momentum=True)
+        running_mean, running_var = self._running_stats()
+        return (
+            x,
+            self.weight,
+            self.bias,
+            running_mean,
+            running_var,
+            training,
+            momentum,
+            self.eps,
+            self.activation,
+            self.activation_param,
+        )
+
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.size(1) != self.num_features:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -182,21 +200,7 @@ class InPlaceABN(ABN):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        momentum, training = self._momentum_and_training(tensor_momentum=True)
-        running_mean, running_var = self._running_stats()
-        return inplace_abn(
-            x,
-            self.weight,
-            self.bias,
-            running_mean,
-            running_var,
-            training,
-            momentum,
-            self.eps,
-            self.activation,
-            self.activation_param,
-        )
+        return inplace_abn(*self._functional_arguments(x))
 
 
 class InPlaceABNSync(ABN):
@@ -232,19 +236,4 @@ class InPlaceABNSync(ABN):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        momentum, training = self._momentum_and_training(tensor_momentum=True)
-        running_mean, running_var = self._running_stats()
-        return inplace_abn_sync(
-            x,
-            self.weight,
-            self.bias,
-            running_mean,
-            running_var,
-            training,
-            momentum,
-            self.eps,
-            self.activation,
-            self.activation_param,
-            self.group,
-        )
+        return inplace_abn_sync(*self._functional_arguments(x), self.group)
