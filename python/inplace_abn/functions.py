@@ -205,35 +205,10 @@ def _forward(
     return (preact if preact is not None else x), var, count, preact
 
 
-def _forward_for_backward(
-    ctx: Any,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    training: bool,
-    momentum: float | torch.Tensor,
-    eps: float,
-    activation: str,
-    activation_param: float,
-    reduction: Reduction,
-) -> None:
-    """Normalizes x in place and records in ctx what backward needs."""
-    kept, var, count, _ = _forward(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        training,
-        momentum,
-        eps,
-        activation,
-        activation_param,
-        reduction,
-        keep_preact=True,
-    )
+def _forward_for_backward(ctx: Any, x: torch.Tensor, *args: Any) -> None:
+    """Normalizes x in place (`args`: those of _forward after x) and records in ctx what backward needs."""
+    kept, var, count, _ = _forward(x, *args, keep_preact=True)
+    weight, bias, _, _, training, _, eps, activation, activation_param, reduction = args
     ctx.training = training
     ctx.eps = eps
     ctx.activation = native_activation(activation, activation_param)
