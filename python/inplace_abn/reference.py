@@ -77,8 +77,10 @@ def statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     acc = accumulate_dtype(x.dtype)
     if x.numel() == 0:
         return x.new_zeros(x.size(1), dtype=acc), x.new_zeros(x.size(1), dtype=acc)
-    var, mean = torch.var_mean(x.to(acc), dim=_reduce_dims(x), correction=0)
-    return mean, var
+    dims = _reduce_dims(x)
+    var, mean = torch.var_mean(x.to(acc), dim=dims, correction=0)
+    # var_mean's (Welford) mean of a channel holding an infinity is NaN; batch_norm's is +-inf.
+    return torch.where(mean.isnan(), x.to(acc).mean(dims), mean), var
 
 
 def normalize_act_(
