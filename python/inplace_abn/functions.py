@@ -274,18 +274,29 @@ def _forward(
     """Normalizes x in place. Returns (what backward keeps, variance used, count, preact)."""
     work = x if _kernel_layout(x) else x.contiguous()
     count = x.numel() // x.size(1)
-    if training:
+    native = native_activation(activation, activation_param)
+    preact = torch.empty_like(work) if native == "relu" and keep_preact else None
+    if (
+        training
+        and isinstance(reduction, LocalReduction)
+        and not torch.compiler.is_compiling()
+        and ops.has_train_ops(work.device)
+    ):
+        # The lean path: statistics, running statistics and normalization in one operator call.
+        var = ops.train_forward_(
+            work, weight, bias, running_mean, running_var, momentum, eps, native, activation_param, preact
+        )
+    elif training:
         mean, var = ops.statistics(work)
         mean, var, count = reduction.statistics(mean, var, count)
         # An empty batch leaves the running statistics alone (torch's batch_norm does the same).
         if running_mean is not None and running_var is not None and not (isinstance(count, int) and count == 0):
             _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        ops.normalize_act_(work, mean, var, weight, bias, eps, native, activation_param, preact)
     else:
         assert running_mean is not None and running_var is not None
-        mean, var = running_mean, running_var
-    native = native_activation(activation, activation_param)
-    preact = torch.empty_like(work) if native == "relu" and keep_preact else None
-    ops.normalize_act_(work, mean, var, weight, bias, eps, native, activation_param, preact)
+        var = running_var
+        ops.normalize_act_(work, running_mean, var, weight, bias, eps, native, activation_param, preact)
     if work is not x:
         x.copy_(work)
     return (preact if preact is not None else x), var, count, preact
@@ -329,6 +340,20 @@ class _InPlaceABN(torch.autograd.Function):
         elif not _same_strides(dy, kept):
             dy = torch.empty_like(kept).copy_(dy)
         param = ctx.activation_param if ctx.activation != "relu" else 0.0
+        if (
+            ctx.training
+            and ctx.count is None
+            and need_x
+            and not torch.compiler.is_compiling()
+            and (ops.has_train_ops(kept.device))
+        ):
+            # The lean path (unsynchronized training): both reductions and dx in one operator call.
+            dx, dweight, dbias = ops.train_backward(kept, dy, var, weight, bias, ctx.eps, ctx.activation, param)
+            return (
+                dx,
+                dweight if need_weight and weight is not None else None,
+                dbias if need_bias and bias is not None else None,
+            ) + (None,) * 8
         sum_dz = sum_dz_xhat = None
         if need_weight or need_bias or (need_x and ctx.training):
             sum_dz, sum_dz_xhat = ops.backward_reduce(kept, dy, weight, bias, ctx.eps, ctx.activation, param)
