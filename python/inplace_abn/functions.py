@@ -210,7 +210,9 @@ def _check_arguments(
         )
     if training and running_mean is not None and not tracing and not isinstance(momentum, torch.Tensor):
         momentum = check_momentum(momentum)
-    if any(size > 1 and stride == 0 for size, stride in zip(x.shape, x.stride(), strict=True)):
+    if not x.is_contiguous() and any(
+        size > 1 and stride == 0 for size, stride in zip(x.shape, x.stride(), strict=True)
+    ):
         raise ValueError(
             "the input has overlapping memory (an expanded tensor) and cannot be written in place: pass x.contiguous()"
         )
@@ -337,7 +339,7 @@ class _InPlaceABN(torch.autograd.Function):
             # A stride-by-stride comparison trips Dynamo with dynamic shapes; the kernels need dy laid out
             # like kept, which these calls give (without a copy where it already is).
             dy = dy.contiguous() if kept.is_contiguous() else dy.movedim(1, -1).contiguous().movedim(-1, 1)
-        elif not _same_strides(dy, kept):
+        elif not (dy.is_contiguous() and kept.is_contiguous()) and not _same_strides(dy, kept):
             dy = torch.empty_like(kept).copy_(dy)
         param = ctx.activation_param if ctx.activation != "relu" else 0.0
         if (
