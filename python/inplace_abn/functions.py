@@ -339,7 +339,7 @@ class _InPlaceABN(torch.autograd.Function):
             # A stride-by-stride comparison trips Dynamo with dynamic shapes; the kernels need dy laid out
             # like kept, which these calls give (without a copy where it already is).
             dy = dy.contiguous() if kept.is_contiguous() else dy.movedim(1, -1).contiguous().movedim(-1, 1)
-        elif not (dy.is_contiguous() and kept.is_contiguous()) and not _same_strides(dy, kept):
+        elif dy.stride() != kept.stride() and not _same_strides(dy, kept):
             dy = torch.empty_like(kept).copy_(dy)
         param = ctx.activation_param if ctx.activation != "relu" else 0.0
         if (
