@@ -121,14 +121,12 @@ void normalize_act_(const Tensor& x, const Tensor& mean, const Tensor& var, cons
     const auto v = channel_values<acc>(var, l.C, 1);
     const auto w = channel_values<acc>(weight, l.C, 1);
     const auto b = channel_values<acc>(bias, l.C, 0);
-    std::vector<acc> scale(l.C), shift(l.C);
+    std::vector<acc> scale(l.C);
     for (int64_t c = 0; c < l.C; ++c) {
-      const auto k = normalize_coeffs(m[c], v[c], affine_scale(w[c], weight.has_value(), e), b[c], e);
-      scale[c] = k.scale;
-      shift[c] = k.shift;
+      scale[c] = normalize_coeffs(m[c], v[c], affine_scale(w[c], weight.has_value(), e), b[c], e).scale;
     }
     kernels().normalize_act(dtype, x.mutable_data_ptr(), preact.has_value() ? preact->mutable_data_ptr() : nullptr, l,
-                            scale.data(), shift.data(), act, activation_param);
+                            m.data(), scale.data(), b.data(), act, activation_param);
   });
 }
 
