@@ -54,7 +54,11 @@ def _activate(z: torch.Tensor, activation: str, param: float) -> torch.Tensor:
 
 
 def _recover(saved: torch.Tensor, dy: torch.Tensor, activation: str, param: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, dz) from what backward keeps: the output y, or the pre-activation z for relu."""
+    """(z, dz) from what backward keeps: the output y, or the pre-activation z for relu.
+
+    A NaN y gives z = NaN and the derivative torch's backward gives at NaN: the slope for
+    leaky_relu (`z > 0` is false), 1 for relu (`z <= 0` is false), NaN for elu (see src/abn_math.h).
+    """
     if activation == "leaky_relu":
         positive = saved > 0
         return torch.where(positive, saved, saved / param), torch.where(positive, dy, dy * param)
@@ -64,7 +68,7 @@ def _recover(saved: torch.Tensor, dy: torch.Tensor, activation: str, param: floa
         ratio = torch.clamp_min(1 + saved / param, torch.finfo(saved.dtype).eps)
         return torch.where(positive, saved, torch.log(ratio)), torch.where(positive, dy, dy * (saved + param))
     if activation == "relu":
-        return saved, torch.where(saved > 0, dy, torch.zeros_like(dy))
+        return saved, torch.where(saved <= 0, torch.zeros_like(dy), dy)
     return saved, dy
 
 
