@@ -72,7 +72,7 @@ def demangle(names: list[str]) -> list[str]:
 
 def short_name(demangled: str) -> str:
     """`elementwise_kernel<8, NormalizeOp<bf16, 1>>` from the demangled signature."""
-    name = demangled.split("(", 1)[0] if not demangled.startswith("void ") else demangled[5:]
+    name = demangled.replace("(anonymous namespace)::", "").removeprefix("void ")
     depth, end = 0, len(name)
     for i, ch in enumerate(name):  # cut the parameter list at the outermost '('
         depth += ch == "<"
@@ -81,7 +81,7 @@ def short_name(demangled: str) -> str:
             end = i
             break
     name = name[:end]
-    for prefix in ("inplace_abn::cuda::", "(anonymous namespace)::", "inplace_abn::"):
+    for prefix in ("inplace_abn::cuda::", "inplace_abn::"):
         name = name.replace(prefix, "")
     for long, short in (("__nv_bfloat16", "bf16"), ("__half", "f16"), ("(Activation)", ""), ("float", "f32")):
         name = name.replace(long, short)
