@@ -307,6 +307,10 @@ SPLITS = [
     ((9, 5, 1, 1), 8),
     ((2, 8, 17, 16), 32),
     ((3, 70, 5), 4),
+    # channels_last element-wise passes of several steps per thread: the grid is a multiple of
+    # C / gcd(C, 256 * V) blocks (3 for C = 24; 35 for C = 70, more than the wave)
+    ((16, 24, 40), 4),
+    ((6, 70, 50), 8),
 ]
 
 
