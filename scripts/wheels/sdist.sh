@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds the source distribution into dist/ (no compiler, no torch needed).
+# Builds the source distribution (no compiler, no torch needed).
+# Usage: sdist.sh [OUTDIR]   (default: dist/ of the repository)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+outdir=${1:-$root/dist}
 python=${PYTHON:-python}
 "$python" -m pip install --disable-pip-version-check --quiet build "scikit-build-core>=0.10"
-"$python" -m build --sdist --no-isolation --outdir "$root/dist" "$root"
+"$python" -m build --sdist --no-isolation --outdir "$outdir" "$root"
