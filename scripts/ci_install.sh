@@ -72,16 +72,13 @@ pip_in "$venv" install --quiet --no-index --find-links "$links" --no-build-isola
   torch-inplace-abn
 (cd "$WORK" && "$venv/bin/python" - << 'PY'
 import json
-from importlib.metadata import distribution
-from pathlib import Path
 
-import inplace_abn
 from inplace_abn import _native
 
+# The wheel has inplace_abn_cuda13.so; a build here, under a CPU-only torch, cannot.
 info = _native.read_build_info()
 files = sorted(p.name for p in _native.PACKAGE_DIR.glob("inplace_abn_*"))
 assert files == ["inplace_abn_cpu.so"] and info["cuda_libraries"] == {}, (files, info)
-assert (Path(distribution("torch-inplace-abn")._path) / "WHEEL").exists()
 print(f"built from the sdist: {files}, build_info {json.dumps(info)}")
 PY
 )
