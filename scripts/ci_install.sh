@@ -19,7 +19,8 @@ sdist_venv=$WORK/sdist-venv
 [ -x "$sdist_venv/bin/python" ] || make_venv "$sdist_venv" build "scikit-build-core>=0.10"
 PYTHON=$sdist_venv/bin/python bash "$ROOT/scripts/wheels/sdist.sh" "$links" 2> >(grep -v "^WARNING: Location" >&2)
 sdist=$(ls "$links"/torch_inplace_abn-*.tar.gz)
-tar -tzf "$sdist" | grep -q '/src/cpu/kernels.cpp$' || { echo "ci_install.sh: $sdist has no src/" >&2; exit 1; }
+contents=$(tar -tzf "$sdist")
+grep -q '/src/cpu/kernels.cpp$' <<< "$contents" || { echo "ci_install.sh: $sdist has no src/" >&2; exit 1; }
 log "find-links folder: $(basename "$wheel") $(basename "$sdist") ($((SECONDS - started)) s)"
 
 venv=$WORK/install-venv
