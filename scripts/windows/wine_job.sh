@@ -246,8 +246,8 @@ quiet build.log env _PYTHON_HOST_PLATFORM=win-amd64 "$HOSTPY" -m pip --disable-p
   -C "cmake.define.TORCH_PACKAGE_DIR=$TORCH_DIR" \
   -C "cmake.define.TORCH_CPU_LIBRARY=$TORCH_DIR/lib/torch_cpu.lib" \
   "$ROOT" || fail "the mingw-w64 build failed"
-wheels=("$WORK"/dist/inplace_abn-*-py3-none-win_amd64.whl)
-[[ -f ${wheels[0]} && ${#wheels[@]} == 1 ]] || fail "expected one inplace_abn-*-py3-none-win_amd64.whl, got: $(ls "$WORK/dist")"
+wheels=("$WORK"/dist/torch_inplace_abn-*-py3-none-win_amd64.whl)
+[[ -f ${wheels[0]} && ${#wheels[@]} == 1 ]] || fail "expected one torch_inplace_abn-*-py3-none-win_amd64.whl, got: $(ls "$WORK/dist")"
 WHEEL=${wheels[0]}
 echo "  $(basename "$WHEEL") in $((SECONDS - t0)) s"
 # What is in it, and what the DLL needs at run time: torch_cpu.dll and DLLs every Windows has. The GCC
