@@ -257,3 +257,31 @@ def test_doctor_exits_non_zero_when_broken(tmp_path):
     assert run.returncode == 1
     assert "ERROR: the native CPU library inplace_abn_cpu" in run.stdout
     assert "undefined symbol: aoti_torch_dtype_float32" in run.stdout and "fix:" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "code,text,cause,fix",
+    [
+        (
+            4551,
+            "An Application Control policy has blocked this file",
+            "Smart App Control or an App Control for Business (WDAC) policy",
+            "allow the DLL",
+        ),
+        (
+            1455,
+            "The paging file is too small for this operation to complete",
+            "Windows ran out of commit memory",
+            "enlarge the paging file",
+        ),
+    ],
+)
+def test_windows_policy_and_paging_file_errors(tmp_path, code, text, cause, fix):
+    """Errors Windows users report that are not the library's fault: each gets its own cause and fix."""
+    env, _ = environment(
+        package(tmp_path, "win32", cuda=False), platform="win32", fail={"cpu": WindowsError_(code, text)}
+    )
+    (problem,) = load_native(env).problems()
+    assert f"[WinError {code}] {text}" in problem.summary
+    assert cause in problem.cause and fix in problem.fix
+    assert "unexpected loader error" not in problem.cause
