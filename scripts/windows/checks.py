@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 SKIP_ENV = "INPLACE_ABN_SKIP_DLL_DIRECTORIES"
@@ -174,12 +175,18 @@ def case_missing_dll() -> None:
 
 def run_doctor(*args: str) -> subprocess.CompletedProcess:
     """`python -m inplace_abn doctor ARGS` in a fresh process, as a user would run it, with this
-    interpreter's options (bytecode cache, warning filters) passed on."""
-    options = [f"-W{w}" for w in sys.warnoptions]
+    interpreter's options (bytecode cache, warning filters) passed on. Its output goes to files, not
+    pipes: a Wine service that the child starts (explorer.exe /desktop, the first time a process needs a
+    window station) inherits its handles and would keep a pipe open for minutes after the child ended."""
+    options = ["-X", "utf8", *(f"-W{w}" for w in sys.warnoptions)]
     if sys.pycache_prefix:
         options += ["-X", f"pycache_prefix={sys.pycache_prefix}"]
     command = [sys.executable, *options, "-m", "inplace_abn", "doctor", *args]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as out, tempfile.TemporaryFile("w+", encoding="utf-8") as err:
+        returncode = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, timeout=600).returncode
+        out.seek(0)
+        err.seek(0)
+        run = subprocess.CompletedProcess(command, returncode, out.read(), err.read())
     if run.stderr.strip():
         print("  doctor's stderr: " + run.stderr.strip().replace("\n", "\n    "))
     check(run.returncode == 0, f"`python -m inplace_abn doctor {' '.join(args)}` exits with 0 (got {run.returncode})")

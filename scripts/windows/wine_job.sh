@@ -242,10 +242,6 @@ start_wine() {
   fi
   "${CLEAN_ENV[@]}" wineserver -p </dev/null >/dev/null 2>&1 9>&- || true
   "${CLEAN_ENV[@]}" wine cmd.exe /c exit </dev/null >/dev/null 2>&1 9>&- || fail "Wine cannot start a Windows program"
-  # Wine's desktop process (explorer.exe /desktop) the same way: Wine starts it when a program first needs
-  # a window station, and it then holds that program's output pipe. doctor in a subprocess did that: its
-  # parent waited for the end of the pipe until the time limit.
-  "${CLEAN_ENV[@]}" wine explorer.exe /desktop </dev/null >/dev/null 2>&1 9>&- &
 }
 for tag in build "${TAGS[@]}"; do start_wine "$tag"; done
 "${CLEAN_ENV[@]}" wine --version 2>/dev/null | sed 's/^/  /'
