@@ -51,6 +51,8 @@ if readelf -d "$library" | grep -q 'NEEDED.*cudart'; then
   echo "ci_cuda.sh: $(basename "$library") needs a shared CUDA runtime: it must link it statically" >&2
   exit 1
 fi
+log "kernel registers, spills and shared memory (sm_80, sm_90) against src/cuda/resource_budgets.json"
+"$PYTHON" "$ROOT/scripts/cuda_resources.py" "$library"
 
 venv=$WORK/test-venv-cu13
 install_env "$venv" "$wheel" numpy pytest

@@ -19,5 +19,5 @@ log "tests: $(basename "$wheel") with torch $TORCH_VERSION (CPU kernels: $isa)"
 # The tests of the CPU kernels themselves; the rest (compile, distributed, export, ...) call the same
 # operators and ran above.
 log "kernel tests with the portable baseline CPU kernels (INPLACE_ABN_CPU_ISA=baseline)"
-INPLACE_ABN_CPU_ISA=baseline "$venv/bin/python" -m pytest tests/test_correctness.py tests/test_ops.py \
+INPLACE_ABN_CPU_ISA=baseline "$venv/bin/python" -m pytest tests/test_correctness.py tests/test_ops.py tests/test_cpu_kernels.py \
   tests/test_errors.py tests/test_memory.py tests/test_api.py -q "$@"

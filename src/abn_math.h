@@ -145,6 +145,12 @@ struct ActivationParam {
 // act(z) and the recovery of (z, dz) from what backward keeps. For Identity, LeakyRelu and Elu
 // backward keeps the output y and inverts the activation. Relu (leaky_relu with slope 0, or elu
 // with alpha 0) loses z where y = 0, so backward keeps the pre-activation z instead.
+//
+// NaN propagates as in torch's activations: act(NaN) = NaN, the recovered z of a NaN output is
+// NaN, and act'(NaN) is what torch's backward gives: the slope p for leaky_relu (`z > 0` is
+// false), 1 for relu (`z <= 0` is false), NaN for elu (torch's vectorized loop; its scalar tail
+// gives 1). The selects are written so that a NaN, for which every comparison is false, falls
+// through to the NaN operand; still branch-free.
 template <Activation act>
 struct ActivationOps;
 
@@ -179,22 +185,22 @@ struct ActivationOps<Activation::LeakyRelu> {
 template <>
 struct ActivationOps<Activation::Elu> {
   // Both branches are computed and one selected, so loops vectorize.
+  // expm1 only ever sees a number <= 0 (0 for NaN); a NaN z is returned by the final select.
   template <typename acc>
   static ABN_HOST_DEVICE acc forward(acc z, ActivationParam<acc> a) {
     const acc negative = a.p * detail::expm1_nonpositive(z < acc(0) ? z : acc(0));
-    return z > acc(0) ? z : negative;
+    return z <= acc(0) ? negative : z;
   }
   // y = alpha * (exp(z) - 1) for z <= 0, so exp(z) = 1 + y / alpha and act'(z) = y + alpha.
   // 1 + y / alpha is clamped away from 0: outputs that rounded to -alpha give a large negative
-  // but finite z instead of -inf (their dz is ~0 anyway).
+  // but finite z instead of -inf (their dz is ~0 anyway). A NaN y gives z = NaN and dz = NaN.
   template <typename acc>
   static ABN_HOST_DEVICE void recover(acc y, acc dy, ActivationParam<acc> a, acc& z, acc& dz) {
-    const bool positive = y > acc(0);
     const acc ratio = acc(1) + y * a.inv_p;
     const acc floor = std::numeric_limits<acc>::epsilon();
     const acc negative_z = detail::log_positive(ratio > floor ? ratio : floor);
-    z = positive ? y : negative_z;
-    dz = dy * (positive ? acc(1) : y + a.p);
+    z = y <= acc(0) ? negative_z : y;
+    dz = dy * (y > acc(0) ? acc(1) : y + a.p);
   }
 };
 
@@ -202,13 +208,13 @@ template <>
 struct ActivationOps<Activation::Relu> {
   template <typename acc>
   static ABN_HOST_DEVICE acc forward(acc z, ActivationParam<acc>) {
-    return z > acc(0) ? z : acc(0);
+    return z <= acc(0) ? acc(0) : z;
   }
   // `saved` is the pre-activation z, not the output.
   template <typename acc>
   static ABN_HOST_DEVICE void recover(acc saved, acc dy, ActivationParam<acc>, acc& z, acc& dz) {
     z = saved;
-    dz = saved > acc(0) ? dy : acc(0);
+    dz = saved <= acc(0) ? acc(0) : dy;
   }
 };
 
@@ -259,9 +265,12 @@ ABN_HOST_DEVICE InputGradCoeffs<acc> input_grad_coeffs(
   return {dz_scale, bias, -dz_scale * mean_dz_xhat / s, -dz_scale * mean_dz};
 }
 
+// The centred term is selected, not multiplied by a zero centered_scale (eval mode): a non-finite
+// z (a NaN or infinite input element) leaves the eval gradient dz_scale * dz as torch has it.
 template <typename acc>
 ABN_HOST_DEVICE acc input_grad(InputGradCoeffs<acc> k, acc z, acc dz) {
-  return k.dz_scale * dz + k.centered_scale * (z - k.bias) + k.offset;
+  const acc centered = k.centered_scale * (z - k.bias);
+  return k.dz_scale * dz + (k.centered_scale != acc(0) ? centered : acc(0)) + k.offset;
 }
 
 // Running statistics of a set of values: count, mean and M2 = sum((x - mean)^2).

@@ -22,6 +22,20 @@ STABLE_TORCH_LIBRARY(inplace_abn, m) {
   m.def(
       "backward_input(Tensor y, Tensor dy, Tensor var, Tensor? weight, Tensor? bias, Tensor? sum_dz, "
       "Tensor? sum_dz_xhat, int count, float eps, str activation, float activation_param) -> Tensor");
+  // The unsynchronized training step in one call each (the synchronized variant composes the ops
+  // above, all-reducing between them). Forward: batch statistics; running statistics (when given)
+  // r <- r + momentum * (b - r) with the unbiased variance, left alone for an empty batch; then
+  // normalize + activation in place. Returns the biased batch variance (accumulate type) for backward.
+  m.def(
+      "train_forward_(Tensor(a!) x, Tensor? weight, Tensor? bias, Tensor(b!)? running_mean, "
+      "Tensor(c!)? running_var, float momentum, float eps, str activation, float activation_param, "
+      "Tensor(d!)? preact) -> Tensor var");
+  // Backward of train_forward_: both reductions and the input gradient. Returns (dx laid out like y,
+  // dweight = sign(w) * sum(dz * xhat) in weight's dtype, dbias = sum(dz) in bias's dtype; the sums in
+  // the accumulate type where weight / bias are absent).
+  m.def(
+      "train_backward(Tensor y, Tensor dy, Tensor var, Tensor? weight, Tensor? bias, float eps, str activation, "
+      "float activation_param) -> (Tensor dx, Tensor dweight, Tensor dbias)");
   // The instruction set of the CPU kernels in use ("avx2" or "baseline").
   m.def("cpu_isa() -> str");
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -170,6 +171,31 @@ inline OpArgs check_backward_input(const Tensor& y, const Tensor& dy, const Tens
   check_channel_vector(sum_dz_xhat, "sum_dz_xhat", args.layout.C, y);
   ABN_CHECK(sum_dz.has_value() == sum_dz_xhat.has_value(), "sum_dz and sum_dz_xhat must be given together");
   ABN_CHECK(!sum_dz.has_value() || count > 0, "count must be positive, got ", count);
+  return args;
+}
+
+inline OpArgs check_train_forward(const Tensor& x, const std::optional<Tensor>& weight,
+                                  const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
+                                  const std::optional<Tensor>& running_var, double momentum, double eps,
+                                  const std::string& activation, double activation_param,
+                                  const std::optional<Tensor>& preact, bool device_ok) {
+  OpArgs args = check_statistics(x, device_ok);
+  args.activation = parse_activation(activation, activation_param);
+  check_channel_vector(weight, "weight", args.layout.C, x);
+  check_channel_vector(bias, "bias", args.layout.C, x);
+  check_channel_vector(running_mean, "running_mean", args.layout.C, x);
+  check_channel_vector(running_var, "running_var", args.layout.C, x);
+  ABN_CHECK(running_mean.has_value() == running_var.has_value(),
+            "running_mean and running_var must both be given or both be None");
+  ABN_CHECK(eps > 0.0 && eps < std::numeric_limits<double>::infinity(), "eps must be a finite number > 0, got ", eps);
+  ABN_CHECK(momentum == momentum && momentum > -std::numeric_limits<double>::infinity() &&
+                momentum < std::numeric_limits<double>::infinity(),
+            "momentum must be a finite number, got ", momentum);
+  ABN_CHECK(args.layout.N * args.layout.S != 1,
+            "training needs more than one value per channel to compute batch statistics, got 1");
+  ABN_CHECK(!preact.has_value() || args.activation == Activation::Relu,
+            "preact is only written for activation 'relu' (the other activations are invertible)");
+  if (preact.has_value()) check_same_geometry(x, "x", *preact, "preact");
   return args;
 }
 

@@ -66,6 +66,52 @@ def test_opcheck(channels_last, dtype, device):
         torch.library.opcheck(library.backward_input.default, args)
 
 
+@needs_native
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_train_ops_opcheck_and_match_the_split_operators(channels_last, dtype, affine):
+    """train_forward_ / train_backward (the lean CPU training path): opcheck, and the same results as the
+    split operators composed in the reference (running statistics, output, dx, dweight, dbias)."""
+    s = sample((3, 4, 5, 6), dtype, channels_last)
+    weight, bias = (s["weight"], s["bias"]) if affine else (None, None)
+    library = torch.ops.inplace_abn
+    for activation, param in (("leaky_relu", 0.1), ("elu", 1.0), ("identity", 0.0), ("relu", 0.0)):
+        preact = torch.empty_like(s["x"]) if activation == "relu" else None
+        args = (s["x"].clone(), weight, bias, s["mean"].clone(), s["var"].clone(), 0.3, 1e-5, activation, param, preact)
+        torch.library.opcheck(library.train_forward_.default, args)
+        native_args = (s["x"].clone(), weight, bias, s["mean"].clone(), s["var"].clone(), 0.3, 1e-5, activation, param)
+        ref_args = (s["x"].clone(), weight, bias, s["mean"].clone(), s["var"].clone(), 0.3, 1e-5, activation, param)
+        native_preact = None if preact is None else torch.empty_like(preact)
+        ref_preact = None if preact is None else torch.empty_like(preact)
+        var = library.train_forward_(*native_args, native_preact)
+        ref_var = reference_ops.train_forward_(*ref_args, ref_preact)
+        for name, a, e in (("y", native_args[0], ref_args[0]), ("var", var, ref_var)):
+            assert_close(a, e, dtype, name)
+        for name, i in (("running_mean", 3), ("running_var", 4)):
+            assert_close(native_args[i], ref_args[i], torch.float32, name)
+        kept = native_args[0] if preact is None else native_preact
+        backward_args = (kept, s["dy"], var, weight, bias, 1e-5, activation, param)
+        torch.library.opcheck(library.train_backward.default, backward_args)
+        got = library.train_backward(*backward_args)
+        want = reference_ops.train_backward(*backward_args)
+        for name, a, e in zip(("dx", "dweight", "dbias"), got, want, strict=True):
+            assert a.dtype == e.dtype, name
+            assert_close(a, e, dtype, name, factor=4)
+
+
+@needs_native
+def test_train_forward_checks_before_writing():
+    x = torch.randn(1, 3, 1)
+    running_mean = torch.zeros(3)
+    before = x.clone()
+    with pytest.raises(RuntimeError, match="more than one value per channel"):
+        ops.train_forward_(x, None, None, running_mean, torch.ones(3), 0.1, 1e-5, "identity", 0.0, None)
+    assert torch.equal(x, before) and torch.equal(running_mean, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="running_mean and running_var must both be given"):
+        ops.train_forward_(torch.randn(2, 3), None, None, running_mean, None, 0.1, 1e-5, "identity", 0.0, None)
+
+
 # Sizes that stress the reductions: one channel, many channels, one value per (n, c), long planes,
 # non-powers of two.
 STRESS_SHAPES = [

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as functional
 
-from .functions import check_activation, inplace_abn, inplace_abn_sync
+from .functions import check_activation, check_eps, check_momentum, inplace_abn, inplace_abn_sync
 
 __all__ = ["ABN", "InPlaceABN", "InPlaceABNSync"]
 
@@ -63,10 +63,10 @@ class ABN(nn.Module):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        check_activation(activation, activation_param)
+        activation_param = check_activation(activation, activation_param)
         self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
+        self.eps = check_eps(eps)
+        self.momentum = None if momentum is None else check_momentum(momentum)
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.activation = activation
@@ -101,22 +101,30 @@ class ABN(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
+    def _counts_batch(self) -> bool:
+        """Whether this forward counts a batch in num_batches_tracked (training with running statistics)."""
+        return self.training and self.track_running_stats and self.num_batches_tracked is not None
+
     def _momentum_and_training(self, tensor_momentum: bool = False) -> tuple[Any, bool]:
-        """Momentum of this step (1 / batches seen for momentum=None) and whether to use batch statistics.
+        """Momentum of this step (1 / batches seen, this one included, for momentum=None) and whether to use
+        batch statistics. num_batches_tracked is advanced by _count_batch, once the forward succeeded.
 
         With tensor_momentum, under torch.compile, momentum=None gives a tensor: a Python number read
         from num_batches_tracked would be an .item() in the graph (a device synchronization every step).
         """
         momentum: Any = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                if tensor_momentum and torch.compiler.is_compiling():
-                    momentum = 1.0 / self.num_batches_tracked.double()
-                else:
-                    momentum = 1.0 / float(self.num_batches_tracked)
+        if self.momentum is None and self._counts_batch():
+            if tensor_momentum and torch.compiler.is_compiling():
+                momentum = 1.0 / (self.num_batches_tracked.double() + 1)
+            else:
+                momentum = 1.0 / (float(self.num_batches_tracked) + 1)
         training = self.training or (self.running_mean is None and self.running_var is None)
         return momentum, training
+
+    def _count_batch(self) -> None:
+        """Advances num_batches_tracked after a successful training forward (a failed one leaves it alone)."""
+        if self._counts_batch():
+            self.num_batches_tracked.add_(1)
 
     def _running_stats(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.training and not self.track_running_stats:
@@ -124,7 +132,7 @@ class ABN(nn.Module):
         return self.running_mean, self.running_var
 
     def _functional_arguments(self, x: torch.Tensor) -> tuple[Any, ...]:
-        """Checks x and advances the batch count; the arguments of inplace_abn / inplace_abn_sync, in order."""
+        """Checks x; the arguments of inplace_abn / inplace_abn_sync, in order."""
         self._check_input(x)
         momentum, training = self._momentum_and_training(tensor_momentum=True)
         running_mean, running_var = self._running_stats()
@@ -154,6 +162,7 @@ class ABN(nn.Module):
         momentum, training = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
         x = functional.batch_norm(x, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps)
+        self._count_batch()
         if self.activation == "relu":
             return functional.relu(x, inplace=True)
         if self.activation == "leaky_relu":
@@ -200,7 +209,9 @@ class InPlaceABN(ABN):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return inplace_abn(*self._functional_arguments(x))
+        y = inplace_abn(*self._functional_arguments(x))
+        self._count_batch()
+        return y
 
 
 class InPlaceABNSync(ABN):
@@ -236,4 +247,6 @@ class InPlaceABNSync(ABN):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return inplace_abn_sync(*self._functional_arguments(x), self.group)
+        y = inplace_abn_sync(*self._functional_arguments(x), self.group)
+        self._count_batch()
+        return y

@@ -15,6 +15,7 @@ exported programs need no custom operator.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Any
 
@@ -56,18 +57,101 @@ def _shape(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def check_activation(activation: Any, activation_param: Any) -> None:
-    """Raises ValueError unless `activation` is supported and `activation_param` is a finite number >= 0."""
+def real_number(value: Any, name: str) -> float:
+    """`value` as a float when it is a real number (int, float, NumPy scalar), as torch accepts; else ValueError."""
+    if type(value) is float:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_eps(eps: Any) -> float:
+    """eps as a float; ValueError unless it is a finite number > 0."""
+    value = real_number(eps, "eps")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    return value
+
+
+def check_momentum(momentum: Any) -> float:
+    """momentum as a float; ValueError unless it is a finite number."""
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not math.isfinite(momentum):
+        raise ValueError(f"momentum must be a finite number when updating running statistics, got {momentum!r}")
+    return float(momentum)
+
+
+def check_activation(activation: Any, activation_param: Any) -> float:
+    """activation_param as a float; ValueError unless `activation` is supported and `activation_param` is a finite
+    number >= 0. While tracing (torch.compile) activation_param is returned as it is (it may be symbolic)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
     if torch.compiler.is_compiling():
-        return  # may be symbolic while tracing; the operators check it again
-    if isinstance(activation_param, bool) or not isinstance(activation_param, (int, float)):
-        raise ValueError(f"activation_param must be a number, got {type(activation_param).__name__}")
-    if not math.isfinite(activation_param) or activation_param < 0:
+        return activation_param  # may be symbolic while tracing; the operators check it again
+    value = real_number(activation_param, "activation_param")
+    if not math.isfinite(value) or value < 0:
         raise ValueError(
             f"activation_param must be a finite number >= 0 (the negative slope of leaky_relu or the alpha of elu), "
             f"got {activation_param}"
+        )
+    return value
+
+
+_CREATION_META_DEFAULT = getattr(getattr(torch._C._autograd, "CreationMeta", None), "DEFAULT", None)
+
+
+def _creation_meta(view: torch.Tensor) -> Any:
+    """How autograd recorded the view `view` (torch's CreationMeta); DEFAULT where torch does not say."""
+    get = getattr(torch._C._autograd, "_get_creation_meta", None)
+    if get is None or _CREATION_META_DEFAULT is None:
+        return _CREATION_META_DEFAULT
+    try:
+        return get(view)
+    except RuntimeError:  # not a differentiable view
+        return _CREATION_META_DEFAULT
+
+
+def _check_writable(x: torch.Tensor, records_grad: bool, buffers: tuple[torch.Tensor | None, ...]) -> None:
+    """Raises torch's in-place errors before anything is written (autograd raises them only after the write).
+
+    `records_grad`: autograd records the call (grad mode on and an input that requires grad); `buffers`
+    are also written in place (the running statistics in training).
+    """
+    if not torch.is_inference_mode_enabled():
+        for name, t in (("the input", x), ("running_mean", buffers[0]), ("running_var", buffers[1])):
+            if t is not None and t.is_inference():
+                raise RuntimeError(
+                    f"inplace_abn writes {name} in place, but it is an inference tensor (created in "
+                    "torch.inference_mode), which torch allows to modify only inside inference mode: clone it "
+                    "outside inference mode, or run the call inside torch.inference_mode()"
+                )
+    if not records_grad:
+        return
+    if x._is_view():
+        meta = _creation_meta(x)
+        if meta != _CREATION_META_DEFAULT:
+            reason = {
+                "MULTI_OUTPUT_NODE": "an output of a function that returns several views (split, chunk, unbind, ...)",
+                "NO_GRAD_MODE": "a view created in no_grad mode, modified with grad mode enabled",
+                "INFERENCE_MODE": "a view created in inference mode, modified outside it",
+                "IN_CUSTOM_FUNCTION": "a view created inside a custom autograd.Function",
+            }.get(getattr(meta, "name", ""), f"a view autograd forbids to modify in place ({meta})")
+            raise RuntimeError(
+                f"inplace_abn overwrites its input, but the input is {reason}: autograd forbids modifying such a "
+                "view in place (nothing was modified). Pass x.clone(), or use ABN, which is not in place"
+            )
+        base = x._base
+        if x.requires_grad and base is not None and base.is_leaf:
+            raise RuntimeError(
+                "inplace_abn overwrites its input, but the input is a view of a leaf tensor that requires grad, "
+                "whose value autograd must keep (nothing was modified): pass x.clone(), or use ABN, which is not "
+                "in place"
+            )
+    if x.requires_grad and x.is_leaf:
+        raise RuntimeError(
+            "inplace_abn overwrites its input, but the input is a leaf tensor that requires grad, whose value "
+            "autograd must keep: pass a non-leaf tensor (e.g. the output of the previous layer), x.clone(), "
+            "or use ABN, which is not in place"
         )
 
 
@@ -83,8 +167,12 @@ def _check_arguments(
     activation: Any,
     activation_param: Any,
     min_values_per_channel: int,
-) -> None:
-    """Every check happens before x is touched, so a failed call leaves its input unmodified."""
+) -> tuple[Any, Any, Any]:
+    """Every check happens before x is touched, so a failed call leaves every tensor unmodified.
+
+    Returns (momentum, eps, activation_param) as floats (momentum may be a tensor, and all three symbolic,
+    under torch.compile).
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"inplace_abn expects a torch.Tensor input, got {type(x).__name__}")
     if x.dim() < 2:
@@ -93,14 +181,12 @@ def _check_arguments(
         )
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"inplace_abn supports float32, float64, float16 and bfloat16 inputs, got {x.dtype}")
-    check_activation(activation, activation_param)
+    activation_param = check_activation(activation, activation_param)
     # While tracing (torch.compile, export) numbers may be symbolic and momentum a tensor: their values
     # were checked when the module was built and are checked again by the operators.
     tracing = torch.compiler.is_compiling()
-    if not tracing and (
-        isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps))
-    ):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if not tracing:
+        eps = check_eps(eps)
     channels, device = x.size(1), x.device
     for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if v is None:
@@ -123,25 +209,26 @@ def _check_arguments(
             "training=False normalizes with the running statistics, but running_mean and running_var are None"
         )
     if training and running_mean is not None and not tracing and not isinstance(momentum, torch.Tensor):
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not math.isfinite(momentum):
-            raise ValueError(f"momentum must be a finite number when updating running statistics, got {momentum!r}")
-    if any(size > 1 and stride == 0 for size, stride in zip(x.shape, x.stride(), strict=True)):
+        momentum = check_momentum(momentum)
+    if not x.is_contiguous() and any(
+        size > 1 and stride == 0 for size, stride in zip(x.shape, x.stride(), strict=True)
+    ):
         raise ValueError(
             "the input has overlapping memory (an expanded tensor) and cannot be written in place: pass x.contiguous()"
         )
     if training:
+        # An empty batch (no values at all) is fine, as for torch's batch_norm: nothing to normalize, and the
+        # running statistics stay as they are. One value per channel has no variance.
         values = x.numel() // channels if channels else 0
-        if values < min_values_per_channel:
+        if values < min_values_per_channel and values != 0:
             raise ValueError(
                 f"inplace_abn is trying to compute batch statistics, but the input of shape {_shape(x)} has "
                 f"{values} value(s) per channel: training needs more than one"
             )
-    if torch.is_grad_enabled() and x.requires_grad and x.is_leaf:
-        raise RuntimeError(
-            "inplace_abn overwrites its input, but the input is a leaf tensor that requires grad, whose value "
-            "autograd must keep: pass a non-leaf tensor (e.g. the output of the previous layer), x.clone(), "
-            "or use ABN, which is not in place"
-        )
+    if not tracing:
+        records_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        _check_writable(x, records_grad, (running_mean, running_var) if training else (None, None))
+    return momentum, eps, activation_param
 
 
 def _kernel_layout(t: torch.Tensor) -> bool:
@@ -189,17 +276,29 @@ def _forward(
     """Normalizes x in place. Returns (what backward keeps, variance used, count, preact)."""
     work = x if _kernel_layout(x) else x.contiguous()
     count = x.numel() // x.size(1)
-    if training:
-        mean, var = ops.statistics(work)
-        mean, var, count = reduction.statistics(mean, var, count)
-        if running_mean is not None and running_var is not None:
-            _update_running_stats(running_mean, running_var, mean, var, count, momentum)
-    else:
-        assert running_mean is not None and running_var is not None
-        mean, var = running_mean, running_var
     native = native_activation(activation, activation_param)
     preact = torch.empty_like(work) if native == "relu" and keep_preact else None
-    ops.normalize_act_(work, mean, var, weight, bias, eps, native, activation_param, preact)
+    if (
+        training
+        and isinstance(reduction, LocalReduction)
+        and not torch.compiler.is_compiling()
+        and ops.has_train_ops(work.device)
+    ):
+        # The lean path: statistics, running statistics and normalization in one operator call.
+        var = ops.train_forward_(
+            work, weight, bias, running_mean, running_var, momentum, eps, native, activation_param, preact
+        )
+    elif training:
+        mean, var = ops.statistics(work)
+        mean, var, count = reduction.statistics(mean, var, count)
+        # An empty batch leaves the running statistics alone (torch's batch_norm does the same).
+        if running_mean is not None and running_var is not None and not (isinstance(count, int) and count == 0):
+            _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        ops.normalize_act_(work, mean, var, weight, bias, eps, native, activation_param, preact)
+    else:
+        assert running_mean is not None and running_var is not None
+        var = running_var
+        ops.normalize_act_(work, running_mean, var, weight, bias, eps, native, activation_param, preact)
     if work is not x:
         x.copy_(work)
     return (preact if preact is not None else x), var, count, preact
@@ -240,15 +339,31 @@ class _InPlaceABN(torch.autograd.Function):
             # A stride-by-stride comparison trips Dynamo with dynamic shapes; the kernels need dy laid out
             # like kept, which these calls give (without a copy where it already is).
             dy = dy.contiguous() if kept.is_contiguous() else dy.movedim(1, -1).contiguous().movedim(-1, 1)
-        elif not _same_strides(dy, kept):
+        elif dy.stride() != kept.stride() and not _same_strides(dy, kept):
             dy = torch.empty_like(kept).copy_(dy)
         param = ctx.activation_param if ctx.activation != "relu" else 0.0
+        if (
+            ctx.training
+            and ctx.count is None
+            and need_x
+            and not torch.compiler.is_compiling()
+            and (ops.has_train_ops(kept.device))
+        ):
+            # The lean path (unsynchronized training): both reductions and dx in one operator call.
+            dx, dweight, dbias = ops.train_backward(kept, dy, var, weight, bias, ctx.eps, ctx.activation, param)
+            return (
+                dx,
+                dweight if need_weight and weight is not None else None,
+                dbias if need_bias and bias is not None else None,
+            ) + (None,) * 8
         sum_dz = sum_dz_xhat = None
         if need_weight or need_bias or (need_x and ctx.training):
             sum_dz, sum_dz_xhat = ops.backward_reduce(kept, dy, weight, bias, ctx.eps, ctx.activation, param)
         dx = None
         if need_x:
             count = ctx.count if ctx.count is not None else kept.numel() // kept.size(1)
+            if not torch.compiler.is_compiling() and isinstance(count, int) and count == 0:
+                count = 1  # an empty batch: no values, zero sums
             if ctx.training:
                 assert sum_dz is not None and sum_dz_xhat is not None
                 global_dz, global_dz_xhat = ctx.reduction.sums(sum_dz, sum_dz_xhat)
@@ -408,7 +523,7 @@ def inplace_abn(
     Returns:
         x, holding the result.
     """
-    _check_arguments(
+    momentum, eps, activation_param = _check_arguments(
         x,
         weight,
         bias,
@@ -459,7 +574,7 @@ def inplace_abn_sync(
     Without an initialized process group it runs unsynchronized, with a warning.
     """
     synchronized = training and distributed.is_available() and distributed.is_initialized()
-    _check_arguments(
+    momentum, eps, activation_param = _check_arguments(
         x,
         weight,
         bias,

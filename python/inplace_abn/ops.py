@@ -12,16 +12,34 @@ import torch
 
 from . import _native, reference
 
-__all__ = ["backward_input", "backward_reduce", "normalize_act_", "statistics", "uses_native"]
+__all__ = [
+    "backward_input",
+    "backward_reduce",
+    "normalize_act_",
+    "statistics",
+    "train_backward",
+    "train_forward_",
+    "uses_native",
+]
+
+_CPU_NATIVE = _native.has_kernels_for("cpu")  # looked up once (the library loads when the package is imported)
 
 
 def uses_native(device: torch.device) -> bool:
     """Whether tensors on `device` run the native kernels (else the reference implementation)."""
+    if device.type == "cpu":
+        return _CPU_NATIVE
     return _native.has_kernels_for(device)
 
 
 def _impl(t: torch.Tensor) -> types.ModuleType | object:
     return torch.ops.inplace_abn if uses_native(t.device) else reference
+
+
+def has_train_ops(device: torch.device) -> bool:
+    """Whether train_forward_ / train_backward run in one call on `device`: the native CPU operators, or the
+    reference. The CUDA library has the split operators only (the training step composes them)."""
+    return device.type == "cpu" or not uses_native(device)
 
 
 def _register_fake(name: str):
@@ -112,3 +130,56 @@ def backward_input(
 @_register_fake("backward_input")
 def _backward_input_fake(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count, eps, activation, activation_param):
     return torch.empty_like(y)
+
+
+def train_forward_(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+    activation: str,
+    activation_param: float,
+    preact: torch.Tensor | None,
+) -> torch.Tensor:
+    """The unsynchronized training forward in one call: batch statistics, running statistics updated with
+    `momentum` (unbiased variance; left alone for an empty batch), then x <- act(...) in place.
+    Returns the biased batch variance (what backward needs)."""
+    return _impl(x).train_forward_(
+        x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param, preact
+    )
+
+
+@_register_fake("train_forward_")
+def _train_forward_fake(
+    x, weight, bias, running_mean, running_var, momentum, eps, activation, activation_param, preact
+):
+    return x.new_empty(x.size(1), dtype=reference.accumulate_dtype(x.dtype))
+
+
+def train_backward(
+    y: torch.Tensor,
+    dy: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of train_forward_ in one call: (dx, dweight, dbias), dweight and dbias in the dtypes of weight
+    and bias (the accumulate dtype where they are None)."""
+    return _impl(y).train_backward(y, dy, var, weight, bias, eps, activation, activation_param)
+
+
+@_register_fake("train_backward")
+def _train_backward_fake(y, dy, var, weight, bias, eps, activation, activation_param):
+    acc = reference.accumulate_dtype(y.dtype)
+    channels = y.size(1)
+    return (
+        torch.empty_like(y),
+        y.new_empty(channels, dtype=acc if weight is None else weight.dtype),
+        y.new_empty(channels, dtype=acc if bias is None else bias.dtype),
+    )

@@ -17,7 +17,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["accumulate_dtype", "backward_input", "backward_reduce", "normalize_act_", "statistics"]
+__all__ = [
+    "accumulate_dtype",
+    "backward_input",
+    "backward_reduce",
+    "normalize_act_",
+    "statistics",
+    "train_backward",
+    "train_forward_",
+]
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,7 +62,11 @@ def _activate(z: torch.Tensor, activation: str, param: float) -> torch.Tensor:
 
 
 def _recover(saved: torch.Tensor, dy: torch.Tensor, activation: str, param: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, dz) from what backward keeps: the output y, or the pre-activation z for relu."""
+    """(z, dz) from what backward keeps: the output y, or the pre-activation z for relu.
+
+    A NaN y gives z = NaN and the derivative torch's backward gives at NaN: the slope for
+    leaky_relu (`z > 0` is false), 1 for relu (`z <= 0` is false), NaN for elu (see src/abn_math.h).
+    """
     if activation == "leaky_relu":
         positive = saved > 0
         return torch.where(positive, saved, saved / param), torch.where(positive, dy, dy * param)
@@ -64,7 +76,7 @@ def _recover(saved: torch.Tensor, dy: torch.Tensor, activation: str, param: floa
         ratio = torch.clamp_min(1 + saved / param, torch.finfo(saved.dtype).eps)
         return torch.where(positive, saved, torch.log(ratio)), torch.where(positive, dy, dy * (saved + param))
     if activation == "relu":
-        return saved, torch.where(saved > 0, dy, torch.zeros_like(dy))
+        return saved, torch.where(saved <= 0, torch.zeros_like(dy), dy)
     return saved, dy
 
 
@@ -73,8 +85,10 @@ def statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     acc = accumulate_dtype(x.dtype)
     if x.numel() == 0:
         return x.new_zeros(x.size(1), dtype=acc), x.new_zeros(x.size(1), dtype=acc)
-    var, mean = torch.var_mean(x.to(acc), dim=_reduce_dims(x), correction=0)
-    return mean, var
+    dims = _reduce_dims(x)
+    var, mean = torch.var_mean(x.to(acc), dim=dims, correction=0)
+    # var_mean's (Welford) mean of a channel holding an infinity is NaN; batch_norm's is +-inf.
+    return torch.where(mean.isnan(), x.to(acc).mean(dims), mean), var
 
 
 def normalize_act_(
@@ -139,3 +153,45 @@ def backward_input(
         grad = dz - _per_channel(sum_dz.to(acc) / count, y) - xhat * _per_channel(sum_dz_xhat.to(acc) / count, y)
     dx = grad * _per_channel(s * torch.rsqrt(var.to(acc) + eps), y)
     return dx.to(y.dtype)
+
+
+def train_forward_(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+    activation: str,
+    activation_param: float,
+    preact: torch.Tensor | None,
+) -> torch.Tensor:
+    """Statistics, running statistics r <- r + momentum * (b - r) (unbiased variance; not for an empty batch),
+    normalize_act_; returns the biased batch variance."""
+    mean, var = statistics(x)
+    count = x.numel() // x.size(1) if x.size(1) else 0
+    if running_mean is not None and running_var is not None and count > 0:
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+    normalize_act_(x, mean, var, weight, bias, eps, activation, activation_param, preact)
+    return var
+
+
+def train_backward(
+    y: torch.Tensor,
+    dy: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight = sign(w) * sum(dz * xhat), dbias = sum(dz)) of a training step."""
+    sum_dz, sum_dz_xhat = backward_reduce(y, dy, weight, bias, eps, activation, activation_param)
+    count = max(y.numel() // y.size(1) if y.size(1) else 0, 1)
+    dx = backward_input(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count, eps, activation, activation_param)
+    dweight = sum_dz_xhat if weight is None else torch.where(weight < 0, -sum_dz_xhat, sum_dz_xhat).to(weight.dtype)
+    dbias = sum_dz if bias is None else sum_dz.to(bias.dtype)
+    return dx, dweight, dbias

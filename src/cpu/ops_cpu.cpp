@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <torch/csrc/stable/library.h>
@@ -98,6 +99,34 @@ std::vector<acc> channel_values(const std::optional<Tensor>& t, int64_t channels
   return out;
 }
 
+// Applies f(value&) to each element of a per-channel vector of any float dtype, in double.
+template <typename F>
+void update_channel_values(const Tensor& t, int64_t channels, const F& f) {
+  const int64_t stride = t.stride(0);
+  auto update = [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    for (int64_t c = 0; c < channels; ++c) {
+      double value = static_cast<double>(p[c * stride]);
+      f(c, value);
+      p[c * stride] = static_cast<T>(value);
+    }
+  };
+  switch (t.scalar_type()) {
+    case ScalarType::Float:
+      update(static_cast<float*>(t.mutable_data_ptr()));
+      break;
+    case ScalarType::Double:
+      update(static_cast<double*>(t.mutable_data_ptr()));
+      break;
+    case ScalarType::Half:
+      update(static_cast<torch::headeronly::Half*>(t.mutable_data_ptr()));
+      break;
+    default:
+      update(static_cast<torch::headeronly::BFloat16*>(t.mutable_data_ptr()));
+      break;
+  }
+}
+
 // Calls f(acc{}) with the accumulate type of x: double for float64, float otherwise.
 template <typename F>
 void with_accumulate_type(const Tensor& x, const F& f) {
@@ -116,48 +145,123 @@ std::tuple<Tensor, Tensor> statistics(const Tensor& x) {
   return {mean, var};
 }
 
+// x <- act(s * (x - m) * invstd + b) in place, with per-channel m and v (accumulate type).
+template <typename acc>
+void normalize_with(const Tensor& x, const OpArgs& args, const acc* m, const acc* v,
+                    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
+                    double activation_param, const std::optional<Tensor>& preact) {
+  const ChannelLayout& l = args.layout;
+  const acc e = static_cast<acc>(eps);
+  const auto w = channel_values<acc>(weight, l.C, 1);
+  const auto b = channel_values<acc>(bias, l.C, 0);
+  // The kernels compute (x - mean) * scale + bias: x * scale + shift would cancel when the mean is large.
+  std::vector<acc> scale(l.C);
+  for (int64_t c = 0; c < l.C; ++c) {
+    scale[c] = normalize_coeffs(m[c], v[c], affine_scale(w[c], weight.has_value(), e), b[c], e).scale;
+  }
+  kernels().normalize_act(args.dtype, x.mutable_data_ptr(), preact.has_value() ? preact->mutable_data_ptr() : nullptr,
+                          l, m, scale.data(), b.data(), args.activation, activation_param);
+}
+
 void normalize_act_(const Tensor& x, const Tensor& mean, const Tensor& var, const std::optional<Tensor>& weight,
                     const std::optional<Tensor>& bias, double eps, const std::string& activation,
                     double activation_param, const std::optional<Tensor>& preact) {
-  const auto [dtype, l, act] =
+  const OpArgs args =
       check_normalize_act(x, mean, var, weight, bias, activation, activation_param, preact, x.is_cpu());
   with_accumulate_type(x, [&](auto tag) {
     using acc = decltype(tag);
-    const acc e = static_cast<acc>(eps);
-    const auto m = channel_values<acc>(mean, l.C, 0);
-    const auto v = channel_values<acc>(var, l.C, 1);
-    const auto w = channel_values<acc>(weight, l.C, 1);
-    const auto b = channel_values<acc>(bias, l.C, 0);
-    std::vector<acc> scale(l.C), shift(l.C);
-    for (int64_t c = 0; c < l.C; ++c) {
-      const auto k = normalize_coeffs(m[c], v[c], affine_scale(w[c], weight.has_value(), e), b[c], e);
-      scale[c] = k.scale;
-      shift[c] = k.shift;
-    }
-    kernels().normalize_act(dtype, x.mutable_data_ptr(), preact.has_value() ? preact->mutable_data_ptr() : nullptr, l,
-                            scale.data(), shift.data(), act, activation_param);
+    const auto m = channel_values<acc>(mean, args.layout.C, 0);
+    const auto v = channel_values<acc>(var, args.layout.C, 1);
+    normalize_with<acc>(x, args, m.data(), v.data(), weight, bias, eps, activation_param, preact);
   });
+}
+
+Tensor train_forward_(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                      const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                      double momentum, double eps, const std::string& activation, double activation_param,
+                      const std::optional<Tensor>& preact) {
+  const OpArgs args = check_train_forward(x, weight, bias, running_mean, running_var, momentum, eps, activation,
+                                          activation_param, preact, x.is_cpu());
+  const ChannelLayout& l = args.layout;
+  Tensor var = torch::stable::new_empty(x, {l.C}, accumulate_scalar_type(x));
+  with_accumulate_type(x, [&](auto tag) {
+    using acc = decltype(tag);
+    std::vector<acc> mean(l.C);
+    acc* v = static_cast<acc*>(var.mutable_data_ptr());
+    kernels().statistics(args.dtype, x.const_data_ptr(), l, mean.data(), v);
+    const int64_t count = l.N * l.S;
+    if (running_mean.has_value() && running_var.has_value() && count > 0) {
+      // r + momentum * (b - r), as torch's lerp_; the variance unbiased with the count.
+      const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+      update_channel_values(*running_mean, l.C, [&](int64_t c, double& r) { r += momentum * (mean[c] - r); });
+      update_channel_values(*running_var, l.C, [&](int64_t c, double& r) { r += momentum * (v[c] * unbias - r); });
+    }
+    normalize_with<acc>(x, args, mean.data(), v, weight, bias, eps, activation_param, preact);
+  });
+  return var;
+}
+
+// sum(dz) and sum(dz * xhat) of each channel, in double; and the per-channel bias and scale used.
+template <typename acc>
+struct Sums {
+  std::vector<double> dz, dz_xhat;
+  std::vector<acc> bias, scale;
+};
+
+template <typename acc>
+Sums<acc> reduce(const Tensor& y, const Tensor& dy, const OpArgs& args, const std::optional<Tensor>& weight,
+                 const std::optional<Tensor>& bias, double eps, double activation_param) {
+  const ChannelLayout& l = args.layout;
+  const acc e = static_cast<acc>(eps);
+  Sums<acc> sums{std::vector<double>(l.C), std::vector<double>(l.C), channel_values<acc>(bias, l.C, 0),
+                 channel_values<acc>(weight, l.C, 1)};
+  kernels().backward_reduce(args.dtype, y.const_data_ptr(), dy.const_data_ptr(), l, sums.bias.data(), args.activation,
+                            activation_param, sums.dz.data(), sums.dz_xhat.data());
+  for (int64_t c = 0; c < l.C; ++c) {
+    sums.scale[c] = affine_scale(sums.scale[c], weight.has_value(), e);
+    sums.dz_xhat[c] /= static_cast<double>(sums.scale[c]);  // xhat = (z - b) / s: divide the sum once
+  }
+  return sums;
+}
+
+// dx from the per-channel sums (training) or without them (sum_dz == nullptr: eval mode).
+template <typename acc>
+Tensor input_grad_with(const Tensor& y, const Tensor& dy, const OpArgs& args, const acc* v, const acc* s,
+                       const acc* b, const acc* sum_dz, const acc* sum_dz_xhat, int64_t count, double eps,
+                       double activation_param) {
+  const ChannelLayout& l = args.layout;
+  Tensor dx = torch::stable::empty_like(y);
+  check_same_geometry(y, "y", dx, "dx");
+  const bool training = sum_dz != nullptr;
+  std::vector<acc> dz_scale(l.C), centered_scale(l.C), offset(l.C);
+  for (int64_t c = 0; c < l.C; ++c) {
+    const auto k = input_grad_coeffs(v[c], s[c], b[c], static_cast<acc>(eps), training, training ? sum_dz[c] : acc(0),
+                                     training ? sum_dz_xhat[c] : acc(0), static_cast<acc>(count));
+    dz_scale[c] = k.dz_scale;
+    centered_scale[c] = k.centered_scale;
+    offset[c] = k.offset;
+  }
+  kernels().backward_input(args.dtype, y.const_data_ptr(), dy.const_data_ptr(), dx.mutable_data_ptr(), l,
+                           dz_scale.data(), b, centered_scale.data(), offset.data(), args.activation,
+                           activation_param);
+  return dx;
 }
 
 std::tuple<Tensor, Tensor> backward_reduce(const Tensor& y, const Tensor& dy, const std::optional<Tensor>& weight,
                                            const std::optional<Tensor>& bias, double eps,
                                            const std::string& activation, double activation_param) {
-  const auto [dtype, l, act] = check_backward_reduce(y, dy, weight, bias, activation, activation_param, y.is_cpu());
-  Tensor sum_dz = torch::stable::new_empty(y, {l.C}, accumulate_scalar_type(y));
-  Tensor sum_dz_xhat = torch::stable::new_empty(y, {l.C}, accumulate_scalar_type(y));
+  const OpArgs args = check_backward_reduce(y, dy, weight, bias, activation, activation_param, y.is_cpu());
+  const int64_t C = args.layout.C;
+  Tensor sum_dz = torch::stable::new_empty(y, {C}, accumulate_scalar_type(y));
+  Tensor sum_dz_xhat = torch::stable::new_empty(y, {C}, accumulate_scalar_type(y));
   with_accumulate_type(y, [&](auto tag) {
     using acc = decltype(tag);
-    const acc e = static_cast<acc>(eps);
-    const auto w = channel_values<acc>(weight, l.C, 1);
-    const auto b = channel_values<acc>(bias, l.C, 0);
-    std::vector<double> s1(l.C), s2(l.C);
-    kernels().backward_reduce(dtype, y.const_data_ptr(), dy.const_data_ptr(), l, b.data(), act, activation_param,
-                              s1.data(), s2.data());
+    const Sums<acc> sums = reduce<acc>(y, dy, args, weight, bias, eps, activation_param);
     acc* out_dz = static_cast<acc*>(sum_dz.mutable_data_ptr());
     acc* out_dz_xhat = static_cast<acc*>(sum_dz_xhat.mutable_data_ptr());
-    for (int64_t c = 0; c < l.C; ++c) {
-      out_dz[c] = static_cast<acc>(s1[c]);  // xhat = (z - b) / s: divide the sum once
-      out_dz_xhat[c] = static_cast<acc>(s2[c] / static_cast<double>(affine_scale(w[c], weight.has_value(), e)));
+    for (int64_t c = 0; c < C; ++c) {
+      out_dz[c] = static_cast<acc>(sums.dz[c]);
+      out_dz_xhat[c] = static_cast<acc>(sums.dz_xhat[c]);
     }
   });
   return {sum_dz, sum_dz_xhat};
@@ -167,31 +271,54 @@ Tensor backward_input(const Tensor& y, const Tensor& dy, const Tensor& var, cons
                       const std::optional<Tensor>& bias, const std::optional<Tensor>& sum_dz,
                       const std::optional<Tensor>& sum_dz_xhat, int64_t count, double eps,
                       const std::string& activation, double activation_param) {
-  const auto [dtype, l, act] = check_backward_input(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count, activation,
-                                                     activation_param, y.is_cpu());
-  const bool training = sum_dz.has_value();
-  Tensor dx = torch::stable::empty_like(y);
-  check_same_geometry(y, "y", dx, "dx");
+  const OpArgs args = check_backward_input(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count, activation,
+                                           activation_param, y.is_cpu());
+  const int64_t C = args.layout.C;
+  Tensor dx;
   with_accumulate_type(y, [&](auto tag) {
     using acc = decltype(tag);
     const acc e = static_cast<acc>(eps);
-    const auto v = channel_values<acc>(var, l.C, 1);
-    const auto w = channel_values<acc>(weight, l.C, 1);
-    const auto b = channel_values<acc>(bias, l.C, 0);
-    const auto s1 = channel_values<acc>(sum_dz, l.C, 0);
-    const auto s2 = channel_values<acc>(sum_dz_xhat, l.C, 0);
-    std::vector<acc> dz_scale(l.C), centered_scale(l.C), offset(l.C);
-    for (int64_t c = 0; c < l.C; ++c) {
-      const auto k = input_grad_coeffs(v[c], affine_scale(w[c], weight.has_value(), e), b[c], e, training, s1[c],
-                                       s2[c], static_cast<acc>(count));
-      dz_scale[c] = k.dz_scale;
-      centered_scale[c] = k.centered_scale;
-      offset[c] = k.offset;
-    }
-    kernels().backward_input(dtype, y.const_data_ptr(), dy.const_data_ptr(), dx.mutable_data_ptr(), l,
-                             dz_scale.data(), b.data(), centered_scale.data(), offset.data(), act, activation_param);
+    const auto v = channel_values<acc>(var, C, 1);
+    auto s = channel_values<acc>(weight, C, 1);
+    for (auto& value : s) value = affine_scale(value, weight.has_value(), e);
+    const auto b = channel_values<acc>(bias, C, 0);
+    const auto s1 = channel_values<acc>(sum_dz, C, 0);
+    const auto s2 = channel_values<acc>(sum_dz_xhat, C, 0);
+    const bool training = sum_dz.has_value();
+    dx = input_grad_with<acc>(y, dy, args, v.data(), s.data(), b.data(), training ? s1.data() : nullptr, s2.data(),
+                              count, eps, activation_param);
   });
   return dx;
+}
+
+std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& y, const Tensor& dy, const Tensor& var,
+                                                  const std::optional<Tensor>& weight,
+                                                  const std::optional<Tensor>& bias, double eps,
+                                                  const std::string& activation, double activation_param) {
+  const OpArgs args = check_backward_reduce(y, dy, weight, bias, activation, activation_param, y.is_cpu());
+  const int64_t C = args.layout.C;
+  check_channel_vector(var, "var", C, y);
+  Tensor dx, dweight, dbias;
+  with_accumulate_type(y, [&](auto tag) {
+    using acc = decltype(tag);
+    const Sums<acc> sums = reduce<acc>(y, dy, args, weight, bias, eps, activation_param);
+    const auto v = channel_values<acc>(var, C, 1);
+    std::vector<acc> s1(C), s2(C);
+    for (int64_t c = 0; c < C; ++c) {
+      s1[c] = static_cast<acc>(sums.dz[c]);
+      s2[c] = static_cast<acc>(sums.dz_xhat[c]);
+    }
+    const int64_t count = args.layout.N * args.layout.S;
+    dx = input_grad_with<acc>(y, dy, args, v.data(), sums.scale.data(), sums.bias.data(), s1.data(), s2.data(),
+                              count > 0 ? count : 1, eps, activation_param);
+    // dweight = sign(w) * sum(dz * xhat) (d|w|/dw, +1 at w = 0 as the original library), dbias = sum(dz).
+    const auto w = channel_values<acc>(weight, C, 1);
+    dweight = torch::stable::new_empty(y, {C}, weight.has_value() ? weight->scalar_type() : accumulate_scalar_type(y));
+    update_channel_values(dweight, C, [&](int64_t c, double& out) { out = w[c] < acc(0) ? -sums.dz_xhat[c] : sums.dz_xhat[c]; });
+    dbias = torch::stable::new_empty(y, {C}, bias.has_value() ? bias->scalar_type() : accumulate_scalar_type(y));
+    update_channel_values(dbias, C, [&](int64_t c, double& out) { out = sums.dz[c]; });
+  });
+  return {dx, dweight, dbias};
 }
 
 std::string cpu_isa() {
@@ -206,6 +333,8 @@ STABLE_TORCH_LIBRARY_IMPL(inplace_abn, CPU, m) {
   m.impl("normalize_act_", TORCH_BOX(&inplace_abn::cpu::normalize_act_));
   m.impl("backward_reduce", TORCH_BOX(&inplace_abn::cpu::backward_reduce));
   m.impl("backward_input", TORCH_BOX(&inplace_abn::cpu::backward_input));
+  m.impl("train_forward_", TORCH_BOX(&inplace_abn::cpu::train_forward_));
+  m.impl("train_backward", TORCH_BOX(&inplace_abn::cpu::train_backward));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(inplace_abn, CompositeExplicitAutograd, m) {
