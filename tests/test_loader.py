@@ -362,3 +362,71 @@ def test_doctor_names_what_to_uninstall_when_mapillarys_package_is_installed():
     assert run.returncode == 1
     assert "ERROR: mapillary's inplace-abn is installed beside torch-inplace-abn" in run.stdout
     assert "  fix:   pip uninstall -y inplace-abn torch-inplace-abn, then pip install torch-inplace-abn" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "code,text,cause,fix",
+    [
+        (
+            4551,
+            "An Application Control policy has blocked this file",
+            "Smart App Control or an App Control for Business (WDAC) policy",
+            "allow the DLL",
+        ),
+        (
+            1455,
+            "The paging file is too small for this operation to complete",
+            "Windows ran out of commit memory",
+            "enlarge the paging file",
+        ),
+    ],
+)
+def test_windows_policy_and_paging_file_errors(tmp_path, code, text, cause, fix):
+    """Errors Windows users report that are not the library's fault: each gets its own cause and fix."""
+    env, _ = environment(
+        package(tmp_path, "win32", cuda=()), platform="win32", torch_cuda=None, fail={"cpu": WindowsError_(code, text)}
+    )
+    (problem,) = load_native(env).problems()
+    assert f"[WinError {code}] {text}" in problem.summary
+    assert cause in problem.cause and fix in problem.fix
+    assert "unexpected loader error" not in problem.cause
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_doctor_survives_torch_failing_to_import(tmp_path, json_output):
+    """torch installed but broken (its DLLs fail to load): `python -m inplace_abn doctor` reports it."""
+    blocker = tmp_path / "torch.py"
+    error = "[WinError 1114] A dynamic link library (DLL) initialization routine failed. Error loading c10.dll"
+    blocker.write_text(f"raise OSError({error!r})\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "inplace_abn", "doctor", *(["--json"] if json_output else [])],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+        timeout=120,
+    )
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr
+    if json_output:
+        (problem,) = json.loads(run.stdout)["problems"]
+        text = " ".join(problem.values())
+    else:
+        text = run.stdout
+        assert "torch         cannot be imported" in text
+    assert f"torch cannot be imported: OSError: {error}" in text
+    assert "its libraries fail to load" in text and 'python -c "import torch"' in text
+
+
+def test_import_with_broken_torch_names_the_fix(tmp_path):
+    """torch installed but failing with OSError: `import inplace_abn` raises an ImportError with the fix."""
+    (tmp_path / "torch.py").write_text("raise OSError('[WinError 126] The specified module could not be found')\n")
+    run = subprocess.run(
+        [sys.executable, "-c", "import inplace_abn"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert "ImportError: inplace_abn needs PyTorch >= 2.10" in run.stderr
+    assert "[WinError 126]" in run.stderr and "its libraries fail to load" in run.stderr

@@ -220,6 +220,25 @@ def diagnose_load_error(error: BaseException, name: str, path: Path, env: Enviro
     elif winerror == 1114:
         cause = "a DLL's initialization failed, most often an outdated Microsoft Visual C++ runtime"
         fix = f"install the latest Visual C++ redistributable ({VC_REDIST_URL}) and restart Python"
+    elif winerror == 4551 or "Application Control policy has blocked" in text:
+        cause = (
+            "Windows' application control blocked the DLL (error 4551): Smart App Control or an App Control for "
+            "Business (WDAC) policy, which refuse DLLs without a trusted signature"
+        )
+        fix = (
+            "ask the administrator to allow the DLL (or this environment's folder) in the App Control policy; on a "
+            "personal PC, Smart App Control can be turned off in Windows Security > App & browser control; meanwhile "
+            "the pure-PyTorch fallback works"
+        )
+    elif winerror == 1455 or "paging file is too small" in text:
+        cause = (
+            "Windows ran out of commit memory (error 1455): each process that loads torch's CUDA DLLs reserves "
+            "gigabytes, typically many DataLoader worker processes at once, and the paging file cannot back them"
+        )
+        fix = (
+            "enlarge the paging file (System > About > Advanced system settings > Performance > Virtual memory: "
+            "system managed, on a drive with free space) and restart, or use fewer DataLoader workers (num_workers)"
+        )
     else:
         cause = "unexpected loader error"
         fix = f"{reinstall}; if it persists, report `python -m inplace_abn doctor --json`"

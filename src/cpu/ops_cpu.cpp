@@ -54,7 +54,14 @@ bool has_avx2_fma_f16c() {
 
 const KernelTable& select_kernels() {
 #if defined(ABN_HAVE_AVX2)
+#if defined(_MSC_VER)
+#pragma warning(push)
+#pragma warning(disable : 4996)  // MSVC's "getenv may be unsafe": read once, nothing writes the environment
+#endif
   const char* forced = std::getenv("INPLACE_ABN_CPU_ISA");
+#if defined(_MSC_VER)
+#pragma warning(pop)
+#endif
   const bool baseline_forced = forced != nullptr && std::strcmp(forced, "baseline") == 0;
   if (!baseline_forced && has_avx2_fma_f16c()) return avx2::kernels;
 #endif
