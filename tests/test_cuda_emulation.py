@@ -435,3 +435,21 @@ def test_emulated_statistics_accuracy(emu, layout):
     assert torch.isfinite(mean).all() and torch.isfinite(var).all(), (mean, var)
     assert ((mean.double() - expected_mean).abs() <= 1e-6 * expected_mean.abs() + 1e-6 * expected_var.sqrt()).all()
     assert ((var.double() - expected_var).abs() <= 1e-5 * expected_var).all(), (var, expected_var)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_emulated_output_exact_for_a_mean_far_from_zero(emu, layout):
+    """Mean 1e4 and std 1e-2 in float32: the kernels centre x on the batch mean before scaling, so the output
+    is (x - mean) / std up to float32 rounding of the scale and product (x - mean is exact here), given the mean they
+    computed. x * scale + (bias - mean * scale) would be off by ~0.03 (its shift, ~1e6, rounds to 0.06)."""
+    setup(emu, 16)
+    generator = torch.Generator().manual_seed(5)
+    x = (torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=generator) * 1e-2 + 1e4).float()
+    weight, bias = torch.ones(3), torch.zeros(3)
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    dy = torch.randn(x.shape, generator=generator)
+    result = run_emulated(emu, x, weight, bias, running_mean, running_var, True, "identity", 0.0, dy, layout)
+    mean, var = result["mean"].double().view(1, 3, 1, 1), result["var"].double().view(1, 3, 1, 1)
+    expected = (x.double() - mean) / torch.sqrt(var + 1e-5)
+    error = (result["y"].double() - expected).abs().max().item()
+    assert error <= 1e-4, f"output error {error:.3g}"

@@ -533,7 +533,7 @@ void normalize_act_kernel(T* x, T* preact, const ChannelLayout& l, const acc_typ
         T* __restrict z = keep_preact ? preact + offset : nullptr;
         const acc m = mean[c], a = scale[c], b = bias[c];
         for (int64_t s = 0; s < l.S; ++s) {
-          const acc v = (to_acc(p[s]) - m) * a + b;
+          const acc v = normalize(to_acc(p[s]), m, a, b);
           if constexpr (keep_preact) z[s] = from_acc<T>(v);
           p[s] = from_acc<T>(Ops::forward(v, param));
         }
@@ -551,7 +551,7 @@ void normalize_act_kernel(T* x, T* preact, const ChannelLayout& l, const acc_typ
       const acc* __restrict pa = a.get();
       const acc* __restrict pb = b.get();
       for (int64_t j = 0; j < len; ++j) {
-        const acc v = (to_acc(p[j]) - pm[j]) * pa[j] + pb[j];
+        const acc v = normalize(to_acc(p[j]), pm[j], pa[j], pb[j]);
         if constexpr (keep_preact) z[j] = from_acc<T>(v);
         p[j] = from_acc<T>(Ops::forward(v, param));
       }
@@ -562,7 +562,7 @@ void normalize_act_kernel(T* x, T* preact, const ChannelLayout& l, const acc_typ
         T* p = x + offset;
         T* z = keep_preact ? preact + offset : nullptr;
         for (int64_t c = 0; c < l.C; ++c) {
-          const acc v = (to_acc(p[c]) - mean[c]) * scale[c] + bias[c];
+          const acc v = normalize(to_acc(p[c]), mean[c], scale[c], bias[c]);
           if constexpr (keep_preact) z[c] = from_acc<T>(v);
           p[c] = from_acc<T>(Ops::forward(v, param));
         }

@@ -62,7 +62,7 @@ struct StatisticsOp {
   }
 };
 
-// x <- act(x * scale + shift), keeping x * scale + shift in preact when asked.
+// x <- act((x - mean) * scale + bias), keeping the pre-activation in preact when asked.
 template <typename T, Activation act>
 struct NormalizeOp {
   using acc = acc_type<T>;
@@ -78,7 +78,7 @@ struct NormalizeOp {
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const NormalizeCoeffs<acc> k = coeff_of(j);
-      v[j] = v[j] * k.scale + k.shift;
+      v[j] = normalize(v[j], k.mean, k.scale, k.bias);
     }
     if (preact != nullptr) store<V>(preact + offset, v);
 #pragma unroll
