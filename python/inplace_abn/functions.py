@@ -292,7 +292,7 @@ def _forward(
         training
         and isinstance(reduction, LocalReduction)
         and not torch.compiler.is_compiling()
-        and ops.has_train_ops(work.device)
+        and ops.has_train_ops(work)
     ):
         # The lean path: statistics, running statistics and normalization in one operator call.
         var = ops.train_forward_(
@@ -353,7 +353,7 @@ class _InPlaceABN(torch.autograd.Function):
         elif dy.stride() != kept.stride() and not _same_strides(dy, kept):
             dy = torch.empty_like(kept).copy_(dy)
         param = ctx.activation_param if ctx.activation != "relu" else 0.0
-        if ctx.training and ctx.count is None and need_x and not compiling and ops.has_train_ops(kept.device):
+        if ctx.training and ctx.count is None and need_x and not compiling and ops.has_train_ops(kept):
             # The lean path (unsynchronized training): both reductions and dx in one operator call.
             dx, dweight, dbias = ops.train_backward(kept, dy, var, weight, bias, ctx.eps, ctx.activation, param)
             return (
