@@ -23,14 +23,21 @@ import torch.nn as nn
 from inplace_abn import InPlaceABN, ops
 from inplace_abn.bench import environment
 
+ACTIVATION_PARAMS = {"leaky_relu": 0.01, "elu": 1.0, "identity": 0.0}
+
 
 def torch_batchnorm(channels: int, activation: str) -> nn.Module:
-    act = nn.LeakyReLU(0.01, inplace=True) if activation == "leaky_relu" else nn.ELU(1.0, inplace=True)
+    if activation == "leaky_relu":
+        act: nn.Module = nn.LeakyReLU(0.01, inplace=True)
+    elif activation == "elu":
+        act = nn.ELU(1.0, inplace=True)
+    else:
+        act = nn.Identity()
     return nn.Sequential(nn.BatchNorm2d(channels), act)
 
 
 def in_place_abn(channels: int, activation: str) -> nn.Module:
-    return InPlaceABN(channels, activation=activation, activation_param=0.01 if activation == "leaky_relu" else 1.0)
+    return InPlaceABN(channels, activation=activation, activation_param=ACTIVATION_PARAMS[activation])
 
 
 class Fallback(nn.Module):
@@ -61,10 +68,10 @@ VARIANTS: dict[str, Callable[[int, str], nn.Module]] = {
 }
 
 
-def measure(shape, memory_format, activation, repeats, warmup, variants) -> dict:
-    x0 = torch.randn(shape).contiguous(memory_format=memory_format)
+def measure(shape, memory_format, activation, repeats, warmup, variants, dtype=torch.float32) -> dict:
+    x0 = torch.randn(shape).to(dtype).contiguous(memory_format=memory_format)
     dy = torch.randn_like(x0)
-    modules = {name: make(shape[1], activation) for name, make in variants.items()}
+    modules = {name: make(shape[1], activation).to(dtype) for name, make in variants.items()}
     timings = {name: {"forward": [], "backward": [], "total": []} for name in modules}
     for step in range(warmup + repeats):
         for name, module in modules.items():
@@ -86,6 +93,7 @@ def measure(shape, memory_format, activation, repeats, warmup, variants) -> dict
     return {
         "shape": list(shape),
         "memory_format": str(memory_format).replace("torch.", ""),
+        "dtype": str(dtype).replace("torch.", ""),
         "activation": activation,
         "median_ms": medians,
         "speedup_vs_torch": {name: baseline / m["total"] for name, m in medians.items()},
@@ -98,18 +106,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--activations", default="leaky_relu,elu", help="comma-separated: leaky_relu, elu, identity")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16, ...")
+    parser.add_argument("--formats", default="contiguous,channels_last")
+    parser.add_argument("--no-fallback", action="store_true", help="leave out the pure-PyTorch fallback")
+    parser.add_argument("--note", default="", help="recorded with the results (e.g. machine load)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    variants = {k: v for k, v in VARIANTS.items() if not (args.no_fallback and "fallback" in k)}
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shape = tuple(int(s) for s in args.shape.split(","))
     cases = []
-    for memory_format in (torch.contiguous_format, torch.channels_last):
-        for activation in ("leaky_relu", "elu"):
-            result = measure(shape, memory_format, activation, args.repeats, args.warmup, VARIANTS)
+    for memory_format in (formats[f] for f in args.formats.split(",")):
+        for activation in args.activations.split(","):
+            result = measure(shape, memory_format, activation, args.repeats, args.warmup, variants, dtype)
             cases.append(result)
             print(
-                f"\n{tuple(shape)} {result['memory_format']} {activation}, {args.threads} threads, "
+                f"\n{tuple(shape)} {result['memory_format']} {args.dtype} {activation}, {args.threads} threads, "
                 f"median of {args.repeats}"
             )
             print(f"  {'variant':<36}{'forward':>10}{'backward':>10}{'total':>10}{'vs torch':>10}")
@@ -120,8 +136,13 @@ def main() -> None:
                 )
     report = {
         "command": "python benchmarks/cpu_layer.py "
-        + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "json"),
+        + " ".join(
+            f"--{k.replace('_', '-')} '{v}'"
+            for k, v in vars(args).items()
+            if v not in (None, False, "") and k != "json"
+        ),
         "machine": environment(torch.device("cpu")),
+        "note": args.note,
         "cases": cases,
     }
     if args.json:

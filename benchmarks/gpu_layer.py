@@ -3,6 +3,11 @@ torch's BatchNorm2d + LeakyReLU(inplace=True), eager and under torch.compile; ac
 against a measured device-to-device copy; peak training memory and the largest batch within a memory
 budget for a ResNet-50-like bottleneck stack and for the U-Net of `python -m inplace_abn bench`.
 
+Each case compiles its own torch.compile variant after resetting Dynamo (a shared cache would hit
+the recompile limit after 8 cases and silently run eager; hitting it now fails the run). Also
+measured: per-layer host overhead on a launch-bound small shape (CPU wall time per forward +
+backward, GPU synchronized once per batch of calls).
+
 Protocol: every variant gets a fresh non-leaf input (a clone of a leaf, made outside the timed region),
 the same output gradient and a flushed L2 cache; times are CUDA-event medians over repeats in which
 the variants are interleaved, after warm-up. Mixed precision rows use 16-bit activations with float32
@@ -12,6 +17,7 @@ the input gradient reads y and dy and writes dx); bandwidth = ideal bytes / time
 
     python benchmarks/gpu_layer.py --json benchmarks/results/gpu_layer.json      # a few minutes on an H100
     python benchmarks/gpu_layer.py --quick                                        # smoke test
+    python benchmarks/gpu_layer.py --shapes 32x256x56x56,256x2048x7x7 --dtypes bfloat16   # a subset
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import inplace_abn
 from inplace_abn import InPlaceABN, ops
 from inplace_abn.bench import UNet
 
-SHAPES = [(32, 256, 56, 56), (64, 64, 112, 112), (256, 2048, 7, 7)]
+SHAPES = [(32, 256, 56, 56), (64, 64, 112, 112), (32, 64, 112, 112), (8, 32, 512, 512), (256, 2048, 7, 7)]
+SMALL_SHAPE = (2, 16, 8, 8)  # launch-bound: host overhead
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 SLOPE = 0.01
@@ -84,7 +91,14 @@ def layer_variants(channels: int, device: torch.device, compile_torch: bool) -> 
         Variant("BN+LeakyReLU eager", batchnorm_leaky_relu(channels).to(device)),
     ]
     if compile_torch:
-        variants.append(Variant("BN+LeakyReLU compiled", torch.compile(batchnorm_leaky_relu(channels).to(device))))
+        # A fresh Dynamo state per case: the compiled variants of all cases would otherwise share one
+        # cache, and after the recompile limit the later ones would silently run eager.
+        torch._dynamo.reset()
+        if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
+        variants.append(
+            Variant("BN+LeakyReLU compiled", torch.compile(batchnorm_leaky_relu(channels).to(device), fullgraph=True))
+        )
     return variants
 
 
@@ -146,6 +160,28 @@ def measure_operators(shape, dtype, memory_format, args, device, flush: Flusher)
             times["forward"].append(events[0].elapsed_time(events[1]))
             times["backward"].append(events[2].elapsed_time(events[3]))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure_host_overhead(args, device) -> dict:
+    """CPU wall time (microseconds) per forward + backward of one layer on a launch-bound shape:
+    what a network of many small layers pays per normalization layer."""
+    calls = 20 if args.quick else 200
+    leaf = torch.randn(SMALL_SHAPE, device=device, requires_grad=True)
+    dy = torch.randn_like(leaf)
+    result = {}
+    for v in layer_variants(SMALL_SHAPE[1], device, compile_torch=not args.skip_compile):
+        for _ in range(3):  # warm-up (compilation)
+            v.module(leaf.clone()).backward(dy)
+        samples = []
+        for _ in range(5):
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                v.module(leaf.clone()).backward(dy)
+            torch.cuda.synchronize(device)
+            samples.append((time.perf_counter() - start) / calls * 1e6)
+        result[v.name] = statistics.median(samples)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +358,9 @@ def main() -> None:
     parser.add_argument("--network-dtype", choices=list(DTYPES), default="float32", help="autocast dtype")
     parser.add_argument("--quick", action="store_true", help="one shape, few repeats (smoke test)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--shapes", help="comma-separated NxCxHxW shapes (default: all of SHAPES)")
+    parser.add_argument("--dtypes", help=f"comma-separated dtypes (default: {','.join(DTYPES)})")
+    parser.add_argument("--formats", help=f"comma-separated memory formats (default: {','.join(FORMATS)})")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit(f"no CUDA GPU is available to torch {torch.__version__} (CUDA {torch.version.cuda})")
@@ -331,9 +370,13 @@ def main() -> None:
 
         lib = _native.load().libraries.get("cuda")
         raise SystemExit(
-            f"InPlaceABN would run the pure-PyTorch fallback on the GPU: {lib.error if lib else 'no CUDA library'}"
+            f"InPlaceABN would run the pure-PyTorch fallback on the GPU: {lib.problem if lib else 'no CUDA library'}"
         )
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+    dtypes = {name: DTYPES[name] for name in (args.dtypes.split(",") if args.dtypes else DTYPES)}
+    formats = {name: FORMATS[name] for name in (args.formats.split(",") if args.formats else FORMATS)}
     if args.quick:
         args.repeats, args.warmup, args.budget_gib = 5, 2, 1.0
     started = time.perf_counter()
@@ -343,13 +386,13 @@ def main() -> None:
     print(f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}: device-to-device copy {bandwidth:.0f} GB/s\n")
     header = (
         f"{'shape':<18}{'dtype':<10}{'format':<15}{'variant':<24}{'fwd ms':>8}{'bwd ms':>8}{'total':>8}"
-        f"{'speedup':>9}{'fwd GB/s (of copy)':>20}{'bwd GB/s (of copy)':>20}"
+        f"{'vs eager':>9}{'vs comp.':>9}{'fwd GB/s (of copy)':>20}{'bwd GB/s (of copy)':>20}"
     )
     print(header)
     cases = []
     for shape in shapes:
-        for dtype_name, dtype in DTYPES.items():
-            for format_name, memory_format in FORMATS.items():
+        for dtype_name, dtype in dtypes.items():
+            for format_name, memory_format in formats.items():
                 layer = measure_layer(shape, dtype, memory_format, args, device, flush)
                 kernels = measure_operators(shape, dtype, memory_format, args, device, flush)
                 tensor_bytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
@@ -370,8 +413,10 @@ def main() -> None:
                         "operators_backward_gbs": 5 * tensor_bytes / kernels["backward"] / 1e6,
                     },
                 }
-                if "BN+LeakyReLU compiled" in layer:
-                    case["speedup_vs_compiled"] = layer["BN+LeakyReLU compiled"]["total"] / layer["InPlaceABN"]["total"]
+                compiled = layer.get("BN+LeakyReLU compiled")
+                case["speedup_vs_compiled"] = (
+                    {name: compiled["total"] / m["total"] for name, m in layer.items()} if compiled else None
+                )
                 bw = case["inplace_abn_bandwidth"]
                 bw.update({f"{k[:-4]}_of_copy": v / bandwidth for k, v in list(bw.items())})
                 cases.append(case)
@@ -379,17 +424,22 @@ def main() -> None:
                 for name, m in layer.items():
                     row = f"{label}{name:<24}{m['forward']:>8.3f}{m['backward']:>8.3f}{m['total']:>8.3f}"
                     row += f"{case['speedup_vs_eager'][name]:>8.2f}x"
+                    row += f"{case['speedup_vs_compiled'][name]:>8.2f}x" if compiled else f"{'-':>9}"
                     if name == "InPlaceABN":
                         row += gbs(bw, "forward") + gbs(bw, "backward")
                     print(row, flush=True)
                     label = " " * len(label)
                 print(
                     f"{label}{'operators only':<24}{kernels['forward']:>8.3f}{kernels['backward']:>8.3f}"
-                    f"{kernels['forward'] + kernels['backward']:>8.3f}{'':>9}"
+                    f"{kernels['forward'] + kernels['backward']:>8.3f}{'':>18}"
                     + gbs(bw, "operators_forward")
                     + gbs(bw, "operators_backward"),
                     flush=True,
                 )
+    overhead = measure_host_overhead(args, device)
+    print(f"\nhost time per forward + backward, {'x'.join(map(str, SMALL_SHAPE))} (launch-bound), microseconds:")
+    for name, us in overhead.items():
+        print(f"  {name:<24}{us:>8.1f}")
     networks = []
     if not args.skip_networks:
         print()
@@ -401,6 +451,7 @@ def main() -> None:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "cases": cases,
+        "host_overhead_us": {"shape": list(SMALL_SHAPE), **overhead},
         "networks": networks,
         "seconds": time.perf_counter() - started,
     }

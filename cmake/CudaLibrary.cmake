@@ -1,6 +1,8 @@
-# The CUDA library inplace_abn_cuda (src/cuda): the operators' CUDA kernels, linking torch_cuda and
-# a static CUDA runtime (the wheel then needs no CUDA runtime beside torch's). Built by default when
-# a CUDA compiler is found and torch is a CUDA build. Sets BUILD_INFO_CUDA for build_info.json.
+# The CUDA library inplace_abn_cuda<major> (src/cuda), named by the CUDA major of the nvcc that builds
+# it (inplace_abn_cuda12, inplace_abn_cuda13): the operators' CUDA kernels, linking torch_cuda and a
+# static CUDA runtime (the wheel then needs no CUDA runtime beside torch's). Built by default when a
+# CUDA compiler is found and torch is a CUDA build. Appends its entry to BUILD_INFO_CUDA_LIBRARIES
+# (build_info.json) and its major to CUDA_LIBRARY_MAJORS.
 #
 #   -DINPLACE_ABN_CUDA=ON|OFF            force it on (fails without a CUDA compiler or CUDA torch) or off
 #   -DINPLACE_ABN_CUDA_ARCHS="75;80;..." real architectures; PTX is added for the newest one. Those the
@@ -13,7 +15,7 @@ set(_cuda_default OFF)
 if(CMAKE_CUDA_COMPILER AND TARGET torch_stable_cuda)
   set(_cuda_default ON)
 endif()
-option(INPLACE_ABN_CUDA "Build the CUDA library inplace_abn_cuda" ${_cuda_default})
+option(INPLACE_ABN_CUDA "Build the CUDA library inplace_abn_cuda<major>" ${_cuda_default})
 set(INPLACE_ABN_CUDA_ARCHS "75;80;86;89;90;100;120" CACHE STRING
     "GPU architectures (compute capability x10) to build real code for; PTX is added for the newest")
 
@@ -80,6 +82,7 @@ list(APPEND _cuda_architectures "${CUDA_PTX_ARCH}-virtual")
 add_library(inplace_abn_cuda MODULE src/cuda/ops_cuda.cpp src/cuda/forward.cu src/cuda/backward.cu)
 set_target_properties(inplace_abn_cuda PROPERTIES
   PREFIX ""
+  OUTPUT_NAME "inplace_abn_cuda${_cuda_major}"
   CUDA_ARCHITECTURES "${_cuda_architectures}"
   CUDA_STANDARD 17
   CUDA_STANDARD_REQUIRED ON
@@ -105,7 +108,10 @@ install(TARGETS inplace_abn_cuda LIBRARY DESTINATION inplace_abn RUNTIME DESTINA
 
 list(TRANSFORM CUDA_REAL_ARCHS REPLACE "(.+)" "\"\\1\"" OUTPUT_VARIABLE _archs_json)
 list(JOIN _archs_json ", " _archs_json)
-string(CONCAT BUILD_INFO_CUDA "{\"version\": \"${CUDA_VERSION_SHORT}\", \"torch_cuda\": \"${TORCH_CUDA_VERSION}\", "
-                              "\"architectures\": [${_archs_json}], \"ptx\": \"${CUDA_PTX_ARCH}\"}")
+string(CONCAT _entry "\"${_cuda_major}\": {\"version\": \"${CUDA_VERSION_SHORT}\", \"torch_cuda\": \"${TORCH_CUDA_VERSION}\", "
+                     "\"architectures\": [${_archs_json}], \"ptx\": \"${CUDA_PTX_ARCH}\"}")
+list(APPEND BUILD_INFO_CUDA_LIBRARIES "${_entry}")
+list(APPEND CUDA_LIBRARY_MAJORS ${_cuda_major})
 list(JOIN CUDA_REAL_ARCHS ", " _archs)
-message(STATUS "CUDA library: CUDA ${CUDA_VERSION_SHORT}, real code for ${_archs}, PTX for ${CUDA_PTX_ARCH}")
+message(STATUS "CUDA library inplace_abn_cuda${_cuda_major}: CUDA ${CUDA_VERSION_SHORT}, real code for ${_archs}, "
+               "PTX for ${CUDA_PTX_ARCH}")

@@ -25,9 +25,30 @@ make_venv() {
   pip_in "$dir" install --quiet "$@"
 }
 
-# build_wheel [VARIANT]: builds the wheel variant (default cpu) with scripts/wheels/build.sh, the
-# steps the release workflow runs; prints its path.
+# ensure_cuobjdump: puts cuobjdump on PATH: the toolkit's, else NVIDIA's PyPI package (any 13.x reads
+# CUDA 13.0 code).
+ensure_cuobjdump() {
+  if command -v cuobjdump > /dev/null; then return; fi
+  if [ -x /usr/local/cuda/bin/cuobjdump ]; then PATH=/usr/local/cuda/bin:$PATH; return; fi
+  local tools=$WORK/cuda-tools
+  if [ -z "$(find "$tools" -name cuobjdump -type f 2> /dev/null | head -n 1)" ]; then
+    make_venv "$tools" --no-deps nvidia-cuda-cuobjdump
+  fi
+  PATH=$(dirname "$(find "$tools" -name cuobjdump -type f | head -n 1)"):$PATH
+  export PATH
+}
+
+# build_wheel [cpu|cuda]: builds the wheel with scripts/wheels/build.sh, the steps the release workflow
+# runs; prints its path. $INPLACE_ABN_WHEEL, when set, names a wheel built before: it is used instead
+# (CI builds one wheel and tests it everywhere).
 build_wheel() {
+  if [ -n "${INPLACE_ABN_WHEEL:-}" ]; then
+    [ -f "$INPLACE_ABN_WHEEL" ] || { echo "INPLACE_ABN_WHEEL=$INPLACE_ABN_WHEEL: no such file" >&2; return 1; }
+    log "using the wheel built before: $INPLACE_ABN_WHEEL"
+    echo "$INPLACE_ABN_WHEEL"
+    return
+  fi
+  if [ "${1:-cpu}" = cuda ]; then ensure_cuobjdump; fi
   bash "$ROOT/scripts/wheels/build.sh" "${1:-cpu}"
 }
 

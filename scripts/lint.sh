@@ -21,7 +21,7 @@ log "ruff"
 "$venv/bin/ruff" check python tests benchmarks scripts
 "$venv/bin/ruff" format --check python tests benchmarks scripts
 log "shellcheck"
-shellcheck -x scripts/*.sh scripts/wheels/*.sh scripts/windows/*.sh .ci/run
+shellcheck -x scripts/*.sh scripts/wheels/*.sh scripts/windows/*.sh scripts/windows/wine-bin/wine-tool .ci/run
 log "actionlint"
 PATH=$(dirname "$(command -v shellcheck)"):$PATH "$venv/bin/actionlint" .github/workflows/*.yml
 log "lint: ok"

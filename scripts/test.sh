@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The tests: builds the CPU wheel (scripts/wheels/build.sh, the release workflow's steps), installs
-# it in a fresh virtual environment with torch 2.13.0 and runs the tests against it, once with the
-# best CPU kernels for this processor and once with the portable baseline build.
+# The tests: builds the wheel (scripts/wheels/build.sh cpu, the release workflow's steps, CPU library
+# only), installs it in a fresh virtual environment with torch 2.13.0 and runs the tests against it,
+# once with the best CPU kernels for this processor and once with the portable baseline build.
+# INPLACE_ABN_WHEEL=PATH tests that wheel instead of building one (CI builds its wheel once).
 # Usage: bash scripts/test.sh [pytest arguments]
 # shellcheck source=scripts/common.sh
 source "$(dirname "$0")/common.sh"

@@ -215,6 +215,29 @@ def test_float32_statistics_do_not_cancel(lib):
         assert ((var.double() - expected).abs() <= 1e-3 * expected).all(), (var, expected)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float32_statistics_of_huge_magnitudes(lib, layout):
+    """Mean 1e4 with std 1e-2, a constant 1e36 channel, std 5e17 over 64x64 planes: finite, and the
+    variance within 1e-5 of the float64 variance of the same float32 values."""
+    base = torch.randn(8, 4, 64, 64, dtype=torch.float64, device="cuda")
+    scales = torch.tensor([1e-2, 1.0, 5e17, 0.0], dtype=torch.float64, device="cuda").view(1, 4, 1, 1)
+    offsets = torch.tensor([1e4, -3e6, 0.0, 1e36], dtype=torch.float64, device="cuda").view(1, 4, 1, 1)
+    values = (base * scales + offsets).float()
+    if layout == "channels_last":
+        values = channels_last(values)
+    mean, var = lib.statistics(values)
+    expected = values.double().var(dim=(0, 2, 3), unbiased=False)
+    assert torch.isfinite(mean).all() and torch.isfinite(var).all(), (mean, var)
+    assert ((var.double() - expected).abs() <= 1e-5 * expected).all(), (var, expected)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0), (0, 5)], ids=str)
+def test_statistics_of_no_values_are_nan(lib, shape):
+    """C > 0 and N * S == 0: NaN mean and variance, as torch.var_mean over nothing."""
+    mean, var = lib.statistics(torch.empty(shape, device="cuda"))
+    assert mean.isnan().all() and var.isnan().all(), (mean, var)
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_mixed_precision_operators(lib, x_dtype, layout):

@@ -3,6 +3,11 @@ against the float64 oracle for every dtype, layout and activation, with outputs 
 the work split over several blocks per channel or not. It checks the kernels' index arithmetic,
 vector and element-by-element paths, tails and reductions; test_cuda.py checks them on a GPU.
 
+The emulator runs the threads of a block between barriers, and the blocks of a grid, in shuffled
+order (other orders and seeds in test_emulated_schedules), poisons shared memory before every
+block, checks the alignment of every vector access, and reports the blocks per wave of real GPUs
+(SMs x resident blocks) where the tests ask for it, so that the work splits are an H100's.
+
 Needs the repository's sources (src/cuda), a C++17 compiler and the CUDA headers (CUDA_HOME or
 /usr/local/cuda); skipped otherwise. The library is built once per source version into a cache.
 """
@@ -82,7 +87,21 @@ def emu():
     for name in ("emu_statistics", "emu_normalize_act", "emu_backward_reduce", "emu_backward_input"):
         getattr(lib, name).restype = ctypes.c_char_p
     lib.emu_set_wave.argtypes = [ctypes.c_int64]
+    lib.emu_configure.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
+    lib.emu_configure(SHUFFLED, 1, 1, 1)
     return lib
+
+
+FIXED, REVERSED, SHUFFLED = 0, 1, 2
+# Blocks of 256 threads per wave on real GPUs: SMs x resident blocks (8 for the element-wise
+# kernels, 4 for the channels_last reductions, see src/cuda/resource_budgets.json).
+H100, H200, B200 = 132 * 8, 142 * 4, 170 * 8
+
+
+def setup(emu, wave: int, order: int = SHUFFLED, seed: int = 1, poison: bool = True, alignment: bool = True) -> None:
+    """Blocks per wave, schedule and checks of the emulator for the next calls."""
+    emu.emu_set_wave(wave)
+    emu.emu_configure(order, seed, int(poison), int(alignment))
 
 
 def channel_layout(t: torch.Tensor) -> Layout:
@@ -266,7 +285,7 @@ ACTIVATIONS = [("leaky_relu", 0.1), ("elu", 0.7), ("identity", 0.0), ("relu", 0.
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 def test_emulated_kernels_match_oracle(emu, dtype, layout, activation, param):
     """Both modes; (3, 5, 6, 7) has planes of 42 values, not a multiple of any vector width."""
-    emu.emu_set_wave(8)
+    setup(emu, 8, seed=hash((str(dtype), layout, activation)) % 1000)
     for training in (True, False):
         x, weight, bias, running_mean, running_var, dy = random_case((3, 5, 6, 7), dtype)
         result = run_emulated(emu, x, weight, bias, running_mean, running_var, training, activation, param, dy, layout)
@@ -288,6 +307,10 @@ SPLITS = [
     ((9, 5, 1, 1), 8),
     ((2, 8, 17, 16), 32),
     ((3, 70, 5), 4),
+    # channels_last element-wise passes of several steps per thread: the grid is a multiple of
+    # C / gcd(C, 256 * V) blocks (3 for C = 24; 35 for C = 70, more than the wave)
+    ((16, 24, 40), 4),
+    ((6, 70, 50), 8),
 ]
 
 
@@ -295,7 +318,7 @@ SPLITS = [
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "misaligned"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_emulated_work_split(emu, shape, wave, layout, dtype):
-    emu.emu_set_wave(wave)
+    setup(emu, wave)
     x, weight, bias, _, _, dy = random_case(shape, dtype, param_dtype=torch.float32, seed=1)
     x = x * 3 + 1
     result = run_emulated(emu, x, weight, bias, None, None, True, "leaky_relu", 0.2, dy, layout)
@@ -305,7 +328,7 @@ def test_emulated_work_split(emu, shape, wave, layout, dtype):
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_emulated_mixed_precision(emu, x_dtype):
     """16-bit input, float32 parameters and statistics; float64 and bfloat16 parameters too."""
-    emu.emu_set_wave(8)
+    setup(emu, 8)
     for param_dtype in (torch.float32, torch.float64, torch.bfloat16):
         x, weight, bias, running_mean, running_var, dy = random_case((4, 6, 5, 8), x_dtype, param_dtype=param_dtype)
         for training in (True, False):
@@ -317,7 +340,7 @@ def test_emulated_mixed_precision(emu, x_dtype):
 
 def test_emulated_statistics_with_large_offset(emu):
     """The shifted one-pass sums keep the variance of values with a large offset."""
-    emu.emu_set_wave(16)
+    setup(emu, 16)
     x = torch.randn(4, 2, 3000, dtype=torch.float64) * 0.01 + 1000
     for values in (x.float(), channels_last(x.float())):
         mean = torch.empty(2)
@@ -333,3 +356,82 @@ def test_emulated_statistics_with_large_offset(emu):
         )
         expected = values.double().var(dim=(0, 2), unbiased=False)
         assert ((var.double() - expected).abs() <= 1e-3 * expected).all(), (var, expected)
+
+
+@pytest.mark.parametrize(
+    "order,seed", [(FIXED, 0), (REVERSED, 0), (SHUFFLED, 1), (SHUFFLED, 2), (SHUFFLED, 3)], ids=str
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "misaligned", "channels_last_slice"])
+def test_emulated_schedules(emu, order, seed, layout):
+    """Threads and blocks in launch order, reversed, and shuffled with several seeds: the results
+    must not depend on the order (a missing barrier, or a block that reads another's output, would)."""
+    setup(emu, 16, order, seed)
+    for dtype, shape in ((torch.float32, (3, 40, 33)), (torch.bfloat16, (6, 16, 5, 7))):
+        x, weight, bias, _, _, dy = random_case(shape, dtype, param_dtype=torch.float32, seed=seed)
+        result = run_emulated(emu, x, weight, bias, None, None, True, "elu", 0.5, dy, layout)
+        check_against_oracle(result, x, weight, bias, None, None, True, "elu", 0.5, dy)
+
+
+# Real GPUs' waves (SMs x resident blocks) on shapes large enough to be split over many blocks
+# per channel (and channels_last rows over many ranges): the work splits of an H100, H200, B200.
+REAL_WAVES = [
+    ((4, 3, 24000), H100),
+    ((2, 2, 40000), H200),
+    ((40000, 8), B200),
+    ((8, 48, 1000), H100),
+]
+
+
+@pytest.mark.parametrize("shape,wave", REAL_WAVES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_emulated_real_gpu_waves(emu, shape, wave, layout):
+    setup(emu, wave, seed=wave)
+    x, weight, bias, _, _, dy = random_case(shape, torch.float32, seed=2)
+    result = run_emulated(emu, x, weight, bias, None, None, True, "leaky_relu", 0.1, dy, layout)
+    check_against_oracle(result, x, weight, bias, None, None, True, "leaky_relu", 0.1, dy)
+
+
+def emulated_statistics(emu, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    mean = torch.full((values.size(1),), 7.0, dtype=acc)
+    var = torch.full((values.size(1),), 7.0, dtype=acc)
+    check(
+        emu.emu_statistics(
+            DTYPE_CODES[values.dtype],
+            ctypes.c_void_p(values.data_ptr()),
+            ctypes.byref(channel_layout(values)),
+            ctypes.c_void_p(mean.data_ptr()),
+            ctypes.c_void_p(var.data_ptr()),
+        )
+    )
+    return mean, var
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0), (0, 5)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_emulated_statistics_of_no_values_are_nan(emu, shape, dtype):
+    """C > 0 and N * S == 0: mean and variance NaN, as torch's (torch.var_mean over nothing)."""
+    setup(emu, 8)
+    mean, var = emulated_statistics(emu, torch.empty(shape, dtype=dtype))
+    assert mean.isnan().all() and var.isnan().all(), (mean, var)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_emulated_statistics_accuracy(emu, layout):
+    """float32 inputs far from zero or of huge magnitude: the variance within 1e-5 (relative) of the
+    float64 variance of the same float32 values, finite where the values' moments are finite
+    (a constant 1e36 channel, standard deviations of 5e17), also when split over many blocks."""
+    setup(emu, H100)
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(8, 4, 64, 64, dtype=torch.float64, generator=generator)
+    scales = torch.tensor([1e-2, 1.0, 5e17, 0.0], dtype=torch.float64).view(1, 4, 1, 1)
+    offsets = torch.tensor([1e4, -3e6, 0.0, 1e36], dtype=torch.float64).view(1, 4, 1, 1)
+    values = (base * scales + offsets).float()
+    if layout == "channels_last":
+        values = channels_last(values)
+    mean, var = emulated_statistics(emu, values)
+    exact = values.double().transpose(0, 1).reshape(4, -1)
+    expected_mean, expected_var = exact.mean(1), exact.var(1, unbiased=False)
+    assert torch.isfinite(mean).all() and torch.isfinite(var).all(), (mean, var)
+    assert ((mean.double() - expected_mean).abs() <= 1e-6 * expected_mean.abs() + 1e-6 * expected_var.sqrt()).all()
+    assert ((var.double() - expected_var).abs() <= 1e-5 * expected_var).all(), (var, expected_var)

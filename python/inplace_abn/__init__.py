@@ -8,10 +8,23 @@ import sys
 
 try:
     import torch  # noqa: F401  (first: the native libraries resolve their symbols against torch's)
-except ImportError as _error:
+except (ImportError, OSError) as _error:
+    if sys.argv[0] == "-m" and sys.argv[1:2] == ["doctor"]:
+        # `python -m inplace_abn doctor` (runpy sets argv[0] to "-m" while importing the package): report
+        # the broken torch instead of a traceback.
+        from .__main__ import torch_import_failed
+
+        sys.exit(torch_import_failed(_error, sys.argv[2:]))
     raise ImportError(
         f"inplace_abn needs PyTorch >= 2.10, which cannot be imported in this environment ({sys.executable}): "
-        f"{_error}. Fix: pip install torch (GPU builds: https://pytorch.org/get-started/locally/)"
+        f"{_error}. Fix: "
+        + (
+            "pip install torch (GPU builds: https://pytorch.org/get-started/locally/)"
+            if isinstance(_error, ImportError)
+            else 'torch is installed but its libraries fail to load: make `python -c "import torch"` work first '
+            "(reinstall torch in a fresh environment; on Windows install the latest Visual C++ redistributable, "
+            "see docs/windows.md)"
+        )
     ) from _error
 
 from ._version import __version__

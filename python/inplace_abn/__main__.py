@@ -18,6 +18,41 @@ def _doctor(args: list[str]) -> int:
     return main(args)
 
 
+def torch_import_failed(error: BaseException, args: Sequence[str]) -> int:
+    """`doctor` when torch itself cannot be imported (the package cannot be imported either): says so,
+    with the error and the fix, as text or as JSON (`--json`). Returns the exit status (1)."""
+    import json
+    import platform
+
+    problem = {
+        "severity": "error",
+        "summary": f"torch cannot be imported: {type(error).__name__}: {error}",
+        "cause": "torch is not installed in this environment"
+        if isinstance(error, ImportError)
+        else "torch is installed but its libraries fail to load (on Windows: a missing or outdated Visual C++ "
+        "runtime, a broken or mixed torch install)",
+        "fix": "pip install torch (GPU builds: https://pytorch.org/get-started/locally/)"
+        if isinstance(error, ImportError)
+        else 'make `python -c "import torch"` work first: reinstall torch in a fresh environment; on Windows '
+        "install the latest Visual C++ redistributable (https://aka.ms/vs/17/release/vc_redist.x64.exe); "
+        "see docs/windows.md",
+    }
+    report = {
+        "python": {"version": platform.python_version(), "executable": sys.executable},
+        "os": {"platform": platform.platform()},
+        "torch": None,
+        "problems": [problem],
+    }
+    if "--json" in args:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"python        {platform.python_version()} ({sys.executable})")
+        print(f"os            {platform.platform()}")
+        print("torch         cannot be imported\n")
+        print(f"ERROR: {problem['summary']}\n  cause: {problem['cause']}\n  fix:   {problem['fix']}")
+    return 1
+
+
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "bench": ("U-Net training with BatchNorm2d + LeakyReLU vs InPlaceABN: memory and time", _bench),
     "doctor": ("diagnose this environment: torch, CUDA, GPUs, native libraries, problems and fixes", _doctor),

@@ -5,9 +5,15 @@ Windows, torch's lib folder and this package's folder are added to the DLL searc
 >= 3.8 ignores PATH for the dependencies of a DLL); the handles are kept, PATH is never changed,
 and libraries are only ever loaded by absolute path from this package's folder.
 
-The CPU library is always loaded. The CUDA library is loaded only when torch is a CUDA build of
-the same CUDA major as the library; whether a GPU's architecture is covered is checked the first
-time a tensor on that GPU reaches the kernels (checking at import would initialize CUDA).
+The CPU library (inplace_abn_cpu) is always loaded. A wheel also carries one CUDA library per CUDA
+major (inplace_abn_cuda12, inplace_abn_cuda13): under a CUDA build of torch, the one whose major is
+torch.version.cuda's is loaded, and no other; under a CPU-only torch none is (a CUDA library links
+torch_cuda, which a CPU-only torch does not have). Whether a GPU's architecture is covered is checked
+the first time a tensor on that GPU reaches the kernels (checking at import would initialize CUDA).
+
+The distribution is `torch-inplace-abn`; mapillary's `inplace-abn` installs the same `inplace_abn/`
+folder. Traces of it (its compiled `_backend` module in this folder, or its metadata) are reported
+with the exact commands that untangle the two.
 
 A library that fails to load never breaks `import inplace_abn`: the affected devices fall back to
 the pure-PyTorch reference implementation, with one warning that names torch's version and CUDA
@@ -17,6 +23,7 @@ doctor` shows the same diagnosis.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -35,6 +42,9 @@ DISABLE_ENV = "INPLACE_ABN_DISABLE_NATIVE"
 SKIP_DLL_DIRECTORIES_ENV = "INPLACE_ABN_SKIP_DLL_DIRECTORIES"
 OLDEST_TORCH = (2, 10)
 VC_REDIST_URL = "https://aka.ms/vs/17/release/vc_redist.x64.exe"
+DISTRIBUTION = "torch-inplace-abn"  # this package on PyPI; the import name is inplace_abn
+MAPILLARY_DISTRIBUTION = "inplace-abn"  # mapillary's original, which installs the same inplace_abn/ folder
+REINSTALL = f"pip install --force-reinstall --no-deps {DISTRIBUTION}"
 
 
 @dataclass
@@ -54,10 +64,12 @@ class Problem:
 class LibraryStatus:
     """What happened when loading one native library."""
 
-    name: str
+    name: str  # the file's stem without "inplace_abn_": "cpu", "cuda12", "cuda13"
     path: str | None = None
     loaded: bool = False
     problem: Problem | None = None
+    note: str | None = None  # why it was not loaded, when that is expected (no problem)
+    info: dict[str, Any] = field(default_factory=dict)  # its entry in build_info.json (CUDA libraries)
 
 
 @dataclass
@@ -69,9 +81,15 @@ class NativeStatus:
     build_info: dict[str, Any] = field(default_factory=dict)
     torch_version: str = ""
     torch_cuda: str | None = None
+    conflicts: list[Problem] = field(default_factory=list)  # mapillary's inplace-abn in the same folder
 
     def problems(self) -> list[Problem]:
-        return [lib.problem for lib in self.libraries.values() if lib.problem is not None]
+        return self.conflicts + [lib.problem for lib in self.libraries.values() if lib.problem is not None]
+
+    def cuda_info(self) -> dict[str, Any]:
+        """Build information of the loaded CUDA library ({} when none is loaded)."""
+        lib = self.libraries.get("cuda")
+        return lib.info if lib is not None and lib.loaded else {}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +109,15 @@ class Environment:
         default_factory=lambda: getattr(os, "add_dll_directory", None)
     )
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    # The version of an installed distribution, None when it is not installed.
+    distribution_version: Callable[[str], str | None] = field(default_factory=lambda: _distribution_version)
+
+
+def _distribution_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 _status: NativeStatus | None = None
@@ -108,8 +135,25 @@ def _major(cuda_version: str | None) -> str | None:
     return cuda_version.split(".")[0] if cuda_version else None
 
 
-def library_filename(name: str, platform: str = sys.platform) -> str:
+def library_filename(name: str, platform: str = sys.platform, torch_cuda: str | None = torch.version.cuda) -> str:
+    """The file of library `name` ("cpu", "cuda12", ...); "cuda" names the one for torch's CUDA major."""
+    if name == "cuda":
+        name = f"cuda{_major(torch_cuda)}"
     return f"inplace_abn_{name}" + (".dll" if platform == "win32" else ".so")
+
+
+def cuda_libraries(build_info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The CUDA libraries build_info.json lists, by CUDA major ({"13": {"version": "13.0", ...}})."""
+    libraries = build_info.get("cuda_libraries")
+    return {str(k): v for k, v in libraries.items() if isinstance(v, dict)} if isinstance(libraries, dict) else {}
+
+
+def _cuda_majors_present(env: Environment, build_info: dict[str, Any]) -> list[str]:
+    """CUDA majors of the CUDA library files in the package folder (and those build_info.json lists)."""
+    suffix = ".dll" if env.platform == "win32" else ".so"
+    found = {p.name[len("inplace_abn_cuda") : -len(suffix)] for p in env.package_dir.glob(f"inplace_abn_cuda*{suffix}")}
+    found.update(cuda_libraries(build_info))
+    return sorted((m for m in found if m.isdigit()), key=int)
 
 
 def read_build_info(package_dir: Path = PACKAGE_DIR) -> dict[str, Any]:
@@ -124,10 +168,16 @@ def _torch_description(env: Environment) -> str:
     return f"torch {env.torch_version} (CUDA {env.torch_cuda or 'none: a CPU-only build'})"
 
 
+def _label(name: str) -> str:
+    """ "cpu" -> "CPU", "cuda13" -> "CUDA 13"."""
+    major = name.removeprefix("cuda")
+    return f"CUDA {major}" if name.startswith("cuda") and major else name.upper()
+
+
 def _built_for(build_info: dict[str, Any], name: str) -> str:
     text = f"torch >= {build_info.get('torch_target', '2.10')}"
-    cuda = build_info.get("cuda")
-    if name == "cuda" and isinstance(cuda, dict):
+    cuda = cuda_libraries(build_info).get(name.removeprefix("cuda")) if name.startswith("cuda") else None
+    if cuda:
         text += f", CUDA {cuda.get('version')}"
     return text
 
@@ -147,10 +197,10 @@ def diagnose_load_error(error: BaseException, name: str, path: Path, env: Enviro
         match = re.search(r"\[WinError (\d+)\]", text)
         winerror = int(match.group(1)) if match else None
     summary = (
-        f"the native {name.upper()} library {path.name} could not be loaded ({text.strip()}); "
+        f"the native {_label(name)} library {path.name} could not be loaded ({text.strip()}); "
         f"{_torch_description(env)}, library built for {_built_for(build_info, name)}"
     )
-    reinstall = "pip install --force-reinstall --no-deps inplace-abn (the variant matching torch, see the README)"
+    reinstall = REINSTALL
     # ctypes reports error 126 as a FileNotFoundError without a winerror: "Could not find module '<path>'
     # (or one of its dependencies)".
     missing = ("cannot open shared object file", "No such file", "(or one of its dependencies)")
@@ -170,6 +220,25 @@ def diagnose_load_error(error: BaseException, name: str, path: Path, env: Enviro
     elif winerror == 1114:
         cause = "a DLL's initialization failed, most often an outdated Microsoft Visual C++ runtime"
         fix = f"install the latest Visual C++ redistributable ({VC_REDIST_URL}) and restart Python"
+    elif winerror == 4551 or "Application Control policy has blocked" in text:
+        cause = (
+            "Windows' application control blocked the DLL (error 4551): Smart App Control or an App Control for "
+            "Business (WDAC) policy, which refuse DLLs without a trusted signature"
+        )
+        fix = (
+            "ask the administrator to allow the DLL (or this environment's folder) in the App Control policy; on a "
+            "personal PC, Smart App Control can be turned off in Windows Security > App & browser control; meanwhile "
+            "the pure-PyTorch fallback works"
+        )
+    elif winerror == 1455 or "paging file is too small" in text:
+        cause = (
+            "Windows ran out of commit memory (error 1455): each process that loads torch's CUDA DLLs reserves "
+            "gigabytes, typically many DataLoader worker processes at once, and the paging file cannot back them"
+        )
+        fix = (
+            "enlarge the paging file (System > About > Advanced system settings > Performance > Virtual memory: "
+            "system managed, on a drive with free space) and restart, or use fewer DataLoader workers (num_workers)"
+        )
     else:
         cause = "unexpected loader error"
         fix = f"{reinstall}; if it persists, report `python -m inplace_abn doctor --json`"
@@ -188,7 +257,7 @@ def _add_dll_directories(env: Environment, status: NativeStatus) -> None:
 
 
 def _load(name: str, env: Environment, status: NativeStatus) -> LibraryStatus:
-    lib = LibraryStatus(name)
+    lib = LibraryStatus(name, info=cuda_libraries(status.build_info).get(name.removeprefix("cuda"), {}))
     path = env.package_dir / library_filename(name, env.platform)
     lib.path = str(path)
     try:
@@ -199,11 +268,80 @@ def _load(name: str, env: Environment, status: NativeStatus) -> LibraryStatus:
     return lib
 
 
+def find_conflicts(env: Environment) -> list[Problem]:
+    """Traces of mapillary's inplace-abn, which installs the same inplace_abn/ folder as this package:
+    its compiled `_backend` module next to these files, or its distribution's metadata."""
+    backend = sorted(p.name for p in env.package_dir.glob("_backend*") if p.suffix in (".so", ".pyd"))
+    version = env.distribution_version(MAPILLARY_DISTRIBUTION)
+    if not backend and version is None:
+        return []
+    found = []
+    if version is not None:
+        found.append(f"the distribution {MAPILLARY_DISTRIBUTION} {version} is installed")
+    if backend:
+        found.append(f"its compiled module {', '.join(backend)} is in {env.package_dir}")
+    return [
+        Problem(
+            "error",
+            f"mapillary's {MAPILLARY_DISTRIBUTION} is installed beside {DISTRIBUTION} ({'; '.join(found)})",
+            f"both install the folder inplace_abn/: whichever was installed last overwrote the other's files, and "
+            f"uninstalling one deletes files of the other ({DISTRIBUTION} is the drop-in successor, same API)",
+            f"pip uninstall -y {MAPILLARY_DISTRIBUTION} {DISTRIBUTION}, then pip install {DISTRIBUTION}"
+            + (
+                f" (and delete {', '.join(str(env.package_dir / b) for b in backend)} if it is still there)"
+                if backend
+                else ""
+            ),
+        )
+    ]
+
+
+def _cuda_status(env: Environment, status: NativeStatus) -> LibraryStatus | None:
+    """Loads the CUDA library of torch's CUDA major, or says why there is none (None: this build has
+    no CUDA library at all, reported when a GPU tensor first needs it)."""
+    present = _cuda_majors_present(env, status.build_info)
+    if env.torch_cuda is None:
+        if not present:
+            return None
+        return LibraryStatus(
+            "cuda",
+            note=f"torch is a CPU-only build: the CUDA libraries (CUDA {', '.join(present)}) are not loaded",
+        )
+    major = _major(env.torch_cuda) or ""
+    name = f"cuda{major}"
+    path = env.package_dir / library_filename(name, env.platform)
+    if path.exists():
+        return _load(name, env, status)
+    if not present:
+        return None
+    have = ", ".join(f"CUDA {m}" for m in present)
+    if int(major) > max(int(m) for m in present):
+        problem = Problem(
+            "error",
+            f"{_torch_description(env)} is newer than every CUDA library of this inplace_abn ({have}): GPU tensors "
+            "use the slow pure-PyTorch fallback",
+            f"CUDA {major} came after this release of {DISTRIBUTION} was built",
+            f"pip install --upgrade {DISTRIBUTION} (a newer release may carry CUDA {major} kernels), or build from "
+            f"source with a CUDA {major}.x nvcc: pip install --no-build-isolation --no-binary {DISTRIBUTION} "
+            f"{DISTRIBUTION}",
+        )
+    else:
+        problem = Problem(
+            "error",
+            f"this inplace_abn has no CUDA {major} library ({path.name}; it has {have}) but {_torch_description(env)}: "
+            "GPU tensors use the slow pure-PyTorch fallback",
+            f"a build from source with another CUDA toolkit (the {DISTRIBUTION} wheels carry CUDA 12 and 13)",
+            f"pip install --force-reinstall {DISTRIBUTION} (the wheel), or build from source with nvcc {major}.x",
+        )
+    return LibraryStatus(name, str(path), problem=problem)
+
+
 def load_native(env: Environment) -> NativeStatus:
     """Loads the native libraries for `env` and returns what happened (no warnings issued)."""
     status = NativeStatus(
         build_info=read_build_info(env.package_dir), torch_version=env.torch_version, torch_cuda=env.torch_cuda
     )
+    status.conflicts = find_conflicts(env)
     if env.environ.get(DISABLE_ENV, "") not in ("", "0"):
         problem = Problem(
             "warning", "the native kernels are disabled", f"{DISABLE_ENV}=1 is set", f"unset {DISABLE_ENV}"
@@ -219,7 +357,7 @@ def load_native(env: Environment) -> NativeStatus:
                 "error",
                 f"the native CPU library is not installed ({cpu_path.name} is not in {env.package_dir})",
                 "a source checkout on sys.path, or an incomplete install",
-                "pip install inplace-abn (a prebuilt wheel), or build it: pip install --no-build-isolation . "
+                f"pip install {DISTRIBUTION} (a prebuilt wheel), or build it: pip install --no-build-isolation . "
                 "in an environment that has torch",
             ),
         )
@@ -241,40 +379,9 @@ def load_native(env: Environment) -> NativeStatus:
     status.libraries["cpu"] = _load("cpu", env, status)
     if not status.libraries["cpu"].loaded:
         return status
-
-    cuda_path = env.package_dir / library_filename("cuda", env.platform)
-    cuda_info = status.build_info.get("cuda")
-    if not cuda_path.exists():
-        return status
-    built = cuda_info.get("version") if isinstance(cuda_info, dict) else None
-    if env.torch_cuda is None:
-        status.libraries["cuda"] = LibraryStatus(
-            "cuda",
-            str(cuda_path),
-            problem=Problem(
-                "warning",
-                f"this inplace-abn has CUDA kernels (CUDA {built}) but {_torch_description(env)}: "
-                "using the CPU kernels",
-                "torch was installed without CUDA support",
-                "install a CUDA build of torch (https://pytorch.org/get-started/locally/) to use the GPU, or the "
-                "+cpu variant of inplace-abn to silence this warning",
-            ),
-        )
-    elif built is not None and _major(built) != _major(env.torch_cuda):
-        status.libraries["cuda"] = LibraryStatus(
-            "cuda",
-            str(cuda_path),
-            problem=Problem(
-                "error",
-                f"the CUDA kernels were built for CUDA {built} but {_torch_description(env)}: GPU tensors use the "
-                "slow pure-PyTorch fallback",
-                f"a CUDA {_major(built)}.x build of inplace-abn with a CUDA {_major(env.torch_cuda)}.x build of torch",
-                f"install the +cu{_major(env.torch_cuda)} variant of inplace-abn (see the README), or a torch "
-                f"built for CUDA {_major(built)}",
-            ),
-        )
-    else:
-        status.libraries["cuda"] = _load("cuda", env, status)
+    cuda = _cuda_status(env, status)
+    if cuda is not None:
+        status.libraries["cuda"] = cuda
     return status
 
 
@@ -286,6 +393,8 @@ def load() -> NativeStatus:
     global _status
     if _status is None:
         _status = load_native(Environment())
+        for problem in _status.conflicts:
+            warnings.warn(f"inplace_abn: {problem.message()}", RuntimeWarning, stacklevel=2)
         for name, lib in _status.libraries.items():
             if lib.problem is not None:
                 note = f" ({FALLBACK_NOTE})" if name == "cpu" else ""
@@ -325,9 +434,10 @@ def has_kernels_for(device: torch.device | str) -> bool:
     if device.type == "cuda" and lib is None and "no-cuda-kernels" not in _warned:
         _warned.add("no-cuda-kernels")
         warnings.warn(
-            "inplace_abn: this installation has no CUDA kernels (the +cpu variant, or built without a CUDA compiler): "
-            "tensors on the GPU use the slow pure-PyTorch fallback. Fix: install the inplace-abn variant for "
-            f"torch's CUDA {torch.version.cuda} (see the README), e.g. +cu{_major(torch.version.cuda)}",
+            "inplace_abn: this installation has no CUDA kernels (built from source without a CUDA compiler): "
+            "tensors on the GPU use the slow pure-PyTorch fallback. Fix: pip install --force-reinstall "
+            f"{DISTRIBUTION} (the wheel carries CUDA 12 and CUDA 13 kernels), or rebuild with nvcc "
+            f"{_major(torch.version.cuda)}.x on PATH",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -337,7 +447,7 @@ def has_kernels_for(device: torch.device | str) -> bool:
         return True
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _covered_devices:
-        cuda_info = load().build_info.get("cuda") or {}
+        cuda_info = load().cuda_info()
         capability = torch.cuda.get_device_capability(index)
         _covered_devices[index] = gpu_is_covered(capability, cuda_info)
         if not _covered_devices[index]:

@@ -63,8 +63,8 @@ def _self_test(device: str) -> str | None:
 def collect() -> dict[str, Any]:
     """The whole diagnosis as a JSON-ready dict."""
     status = _native.load()
-    cuda_info = status.build_info.get("cuda") or {}
-    problems = [lib.problem for lib in status.libraries.values() if lib.problem is not None]
+    cuda_info = status.cuda_info()
+    problems = status.problems()
     gpus = _gpus(cuda_info)
     cuda_lib = status.libraries.get("cuda")
     if cuda_lib is not None and cuda_lib.loaded:
@@ -77,8 +77,9 @@ def collect() -> dict[str, Any]:
             _native.Problem(
                 "warning",
                 "this installation has no CUDA kernels: tensors on the GPU use the slow pure-PyTorch fallback",
-                "the +cpu variant of inplace-abn, or a build without a CUDA compiler",
-                f"install the +cu{torch.version.cuda.split('.')[0]} variant (see the README)",
+                "a build from source without a CUDA compiler",
+                f"pip install --force-reinstall {_native.DISTRIBUTION} (the wheel carries CUDA 12 and CUDA 13 "
+                f"kernels), or rebuild with nvcc {torch.version.cuda.split('.')[0]}.x on PATH",
             )
         )
 
@@ -92,7 +93,7 @@ def collect() -> dict[str, Any]:
                     "error",
                     f"the {device.upper()} self-test failed: {failure}",
                     "a broken build or installation",
-                    "pip install --force-reinstall inplace-abn; if it persists, report this output (--json)",
+                    f"{_native.REINSTALL}; if it persists, report this output (--json)",
                 )
             )
 
@@ -113,10 +114,24 @@ def collect() -> dict[str, Any]:
             "cuda_available": torch.cuda.is_available(),
             "gpus": gpus,
         },
-        "inplace_abn": {"version": __version__, "path": str(_native.PACKAGE_DIR), "build": status.build_info},
+        "inplace_abn": {
+            "version": __version__,
+            "distribution": {
+                name: _native._distribution_version(name)
+                for name in (_native.DISTRIBUTION, _native.MAPILLARY_DISTRIBUTION)
+            },
+            "path": str(_native.PACKAGE_DIR),
+            "build": status.build_info,
+        },
         "libraries": {
-            name: {"path": lib.path, "loaded": lib.loaded, "problem": lib.problem.message() if lib.problem else None}
-            for name, lib in status.libraries.items()
+            key: {
+                "file": _native.library_filename(lib.name) if lib.path else None,
+                "path": lib.path,
+                "loaded": lib.loaded,
+                "note": lib.note,
+                "problem": lib.problem.message() if lib.problem else None,
+            }
+            for key, lib in status.libraries.items()
         },
         "cpu_kernels": torch.ops.inplace_abn.cpu_isa() if cpu_lib is not None and cpu_lib.loaded else "fallback",
         "dll_directories": status.dll_directories,
@@ -128,7 +143,10 @@ def collect() -> dict[str, Any]:
 def format_report(report: dict[str, Any]) -> str:
     """The report as text, problems (with their fixes) last."""
     build = report["inplace_abn"]["build"]
-    cuda = build.get("cuda")
+    cuda = _native.cuda_libraries(build)
+    installed = ", ".join(
+        f"{name} {version}" for name, version in report["inplace_abn"]["distribution"].items() if version
+    )
     lines = [
         f"python        {report['python']['version']} ({report['python']['executable']})",
         f"os            {report['os']['platform']}",
@@ -145,21 +163,25 @@ def format_report(report: dict[str, Any]) -> str:
     if not report["torch"]["gpus"]:
         lines.append("GPUs          none visible")
     lines += [
-        f"inplace_abn   {report['inplace_abn']['version']} at {report['inplace_abn']['path']}",
+        f"inplace_abn   {report['inplace_abn']['version']} at {report['inplace_abn']['path']}"
+        + f" (installed: {installed or 'no distribution metadata'})",
         f"built for     torch >= {build.get('torch_target', '?')} (built with {build.get('torch_built_with', '?')}), "
         f"{build.get('compiler', '?')}, {build.get('system', '?')}",
-        "CUDA build    "
-        + (
-            f"CUDA {cuda.get('version')}, code for "
-            + ", ".join(f"sm_{a}" for a in cuda.get("architectures", []))
-            + (f", PTX sm_{cuda['ptx']}" if cuda.get("ptx") else "")
-            if isinstance(cuda, dict)
-            else "none"
-        ),
     ]
+    for major, info in cuda.items():
+        lines.append(
+            f"CUDA {major} lib   CUDA {info.get('version')}, code for "
+            + ", ".join(f"sm_{a}" for a in info.get("architectures", []))
+            + (f", PTX sm_{info['ptx']}" if info.get("ptx") else "")
+        )
+    if not cuda:
+        lines.append("CUDA libs     none (CPU kernels only)")
     for name, lib in report["libraries"].items():
-        state = "loaded" if lib["loaded"] else "NOT loaded"
-        lines.append(f"library {name:<5} {state}: {lib['path']}")
+        if lib["note"]:
+            lines.append(f"library {name:<5} not loaded: {lib['note']}")
+        else:
+            state = "loaded" if lib["loaded"] else "NOT loaded"
+            lines.append(f"library {name:<5} {state}: {lib['path']}")
     lines.append(f"CPU kernels   {report['cpu_kernels']}")
     if report["dll_directories"]:
         lines.append("DLL folders   " + "; ".join(report["dll_directories"]))

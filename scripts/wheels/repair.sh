@@ -17,10 +17,13 @@ case "$(uname -s)" in
       --exclude 'libnvrtc*.so*' --exclude 'libgomp*.so*' "$wheel"
     ;;
   MINGW* | MSYS* | CYGWIN*)
+    # --analyze-existing: the package's DLLs are not .pyd files, which alone delvewheel reads by default.
+    # torch's and the driver's DLLs come from the user's torch / driver (cudart is linked statically),
+    # the Visual C++ runtime from the system (torch needs it too).
     torch_lib=$("$python" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
-    "$python" -m delvewheel repair --wheel-dir "$dest" --add-path "$torch_lib" \
-      --exclude 'torch_cpu.dll;torch_cuda.dll;torch.dll;c10.dll;c10_cuda.dll;cudart64_*.dll;nvcuda.dll' \
-      --no-dll 'msvcp140.dll;vcruntime140.dll;vcruntime140_1.dll;concrt140.dll' "$wheel"
+    "$python" -m delvewheel repair --analyze-existing --wheel-dir "$dest" --add-path "$torch_lib" \
+      --exclude 'torch_cpu.dll;torch_cuda.dll;torch.dll;c10.dll;c10_cuda.dll;nvcuda.dll;msvcp140.dll;vcruntime140.dll;vcruntime140_1.dll;concrt140.dll' \
+      "$wheel"
     ;;
   *)
     echo "repair.sh: unsupported platform $(uname -s)" >&2

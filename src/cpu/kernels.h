@@ -14,11 +14,13 @@ namespace inplace_abn::cpu {
 
 struct KernelTable {
   const char* isa;
-  // mean and biased variance of each channel.
+  // mean and biased variance of each channel (shifted two-pass sums per cache-resident block, merged in
+  // double; a block whose float sums overflow is redone in double: finite wherever the result is).
   void (*statistics)(DType dtype, const void* x, const ChannelLayout& layout, void* mean, void* var);
-  // x <- act(x * scale + shift) in place; preact (laid out like x), when not null, receives x * scale + shift.
-  void (*normalize_act)(DType dtype, void* x, void* preact, const ChannelLayout& layout, const void* scale,
-                        const void* shift, Activation activation, double activation_param);
+  // x <- act((x - mean) * scale + bias) in place; preact (laid out like x), when not null, receives
+  // (x - mean) * scale + bias. Centring first keeps the result exact for a mean far from 0.
+  void (*normalize_act)(DType dtype, void* x, void* preact, const ChannelLayout& layout, const void* mean,
+                        const void* scale, const void* bias, Activation activation, double activation_param);
   // sum(dz) and sum(dz * (z - bias)) of each channel, in double; y and dy share a layout.
   void (*backward_reduce)(DType dtype, const void* y, const void* dy, const ChannelLayout& layout, const void* bias,
                           Activation activation, double activation_param, double* sum_dz, double* sum_dz_centered);

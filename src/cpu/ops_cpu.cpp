@@ -54,7 +54,14 @@ bool has_avx2_fma_f16c() {
 
 const KernelTable& select_kernels() {
 #if defined(ABN_HAVE_AVX2)
+#if defined(_MSC_VER)
+#pragma warning(push)
+#pragma warning(disable : 4996)  // MSVC's "getenv may be unsafe": read once, nothing writes the environment
+#endif
   const char* forced = std::getenv("INPLACE_ABN_CPU_ISA");
+#if defined(_MSC_VER)
+#pragma warning(pop)
+#endif
   const bool baseline_forced = forced != nullptr && std::strcmp(forced, "baseline") == 0;
   if (!baseline_forced && has_avx2_fma_f16c()) return avx2::kernels;
 #endif
@@ -147,14 +154,13 @@ void normalize_with(const Tensor& x, const OpArgs& args, const acc* m, const acc
   const acc e = static_cast<acc>(eps);
   const auto w = channel_values<acc>(weight, l.C, 1);
   const auto b = channel_values<acc>(bias, l.C, 0);
-  std::vector<acc> scale(l.C), shift(l.C);
+  // The kernels compute (x - mean) * scale + bias: x * scale + shift would cancel when the mean is large.
+  std::vector<acc> scale(l.C);
   for (int64_t c = 0; c < l.C; ++c) {
-    const auto k = normalize_coeffs(m[c], v[c], affine_scale(w[c], weight.has_value(), e), b[c], e);
-    scale[c] = k.scale;
-    shift[c] = k.shift;
+    scale[c] = normalize_coeffs(m[c], v[c], affine_scale(w[c], weight.has_value(), e), b[c], e).scale;
   }
   kernels().normalize_act(args.dtype, x.mutable_data_ptr(), preact.has_value() ? preact->mutable_data_ptr() : nullptr,
-                          l, scale.data(), shift.data(), args.activation, activation_param);
+                          l, m, scale.data(), b.data(), args.activation, activation_param);
 }
 
 void normalize_act_(const Tensor& x, const Tensor& mean, const Tensor& var, const std::optional<Tensor>& weight,

@@ -7,7 +7,7 @@ namespace {
 
 // sum(dz) and sum(dz * (z - b)); the second is divided by s = |w| + eps once per channel at the end
 // (xhat = (z - b) / s), as the CPU kernels do. The terms cancel (the sums are small next to them), so
-// each thread adds runs of kFoldEvery values in the accumulate type and folds them into double; the
+// each thread adds runs of kFoldEvery values in the accumulate type and flushes them into double; the
 // merges across threads, blocks and ranges are in double too.
 template <typename T, Activation act>
 struct GradientSumsOp {
@@ -15,11 +15,10 @@ struct GradientSumsOp {
   using Partial = Sums<double>;
   template <int V>
   struct Item {
-    acc y[V], dy[V];
+    Pack<T, V> y, dy;
   };
   struct Slot {
     acc bias, dz, dz_centered;
-    Sums<double> total;
   };
 
   const T* y;
@@ -32,34 +31,31 @@ struct GradientSumsOp {
 
   template <int V>
   __device__ void load(int64_t offset, Item<V>& item) const {
-    cuda::load<V>(y + offset, item.y);
-    cuda::load<V>(dy + offset, item.dy);
+    item.y = load_pack<V>(y + offset);
+    item.dy = load_pack<V>(dy + offset);
   }
   __device__ Slot slot(int64_t c) const {
-    return {channel_value(bias, c, acc(0)), acc(0), acc(0), {0.0, 0.0}};
+    return {channel_value(bias, c, acc(0)), acc(0), acc(0)};
   }
   template <typename I>
   __device__ void prime(Slot&, const I&, int) const {}
   template <typename I>
   __device__ void add(Slot& s, const I& item, int j) const {
     acc z, dz;
-    ActivationOps<act>::recover(item.y[j], item.dy[j], param, z, dz);
+    ActivationOps<act>::recover(to_acc(item.y.v[j]), to_acc(item.dy.v[j]), param, z, dz);
     s.dz += dz;
     s.dz_centered += dz * (z - s.bias);
   }
-  __device__ void fold(Slot& s, int) const {
-    s.total.dz += double(s.dz);
-    s.total.dz_centered += double(s.dz_centered);
+  __device__ Partial flush(Slot& s, int) const {
+    const Partial run{double(s.dz), double(s.dz_centered)};
     s.dz = s.dz_centered = acc(0);
+    return run;
   }
-  __device__ Partial partial(Slot& s, int count) const {
-    fold(s, count);
-    return s.total;
-  }
+  __device__ void rebase(Slot&, const Partial&) const {}
   __device__ void finish(int64_t c, const Partial& p) const {
     const double scale = affine_scale(channel_value(weight, c, acc(1)), weight.data != nullptr, eps);
     sum_dz[c] = acc(p.dz);
-    sum_dz_xhat[c] = acc(p.dz_centered / scale);
+    sum_dz_xhat[c] = acc(p.dz_centered * reciprocal(scale));
   }
 };
 
@@ -119,7 +115,7 @@ void backward_reduce(const LaunchContext& ctx, DType dtype, const void* y, const
                                                         activation_param<acc>(p),
                                                         static_cast<acc*>(sum_dz),
                                                         static_cast<acc*>(sum_dz_xhat)};
-      launch_reduction<T>(ctx, op, layout, aligned(y) && aligned(dy));
+      launch_reduction<T>(ctx, op, layout, {y, dy});
     });
   });
 }
@@ -135,12 +131,11 @@ void backward_input(const LaunchContext& ctx, DType dtype, const void* y, const 
     auto* coeffs = static_cast<InputGradCoeffs<acc>*>(ctx.workspace(int64_t(sizeof(InputGradCoeffs<acc>)) * layout.C));
     launch(input_grad_coeffs_kernel<acc>, dim3(unsigned(ceil_div(layout.C, kThreads))), dim3(kThreads), ctx, layout.C,
            var, weight, bias, sum_dz, sum_dz_xhat, static_cast<acc>(count), static_cast<acc>(eps), coeffs);
-    const bool vectorize = aligned(y) && aligned(dy) && aligned(dx);
     double p = activation_param_value;
     dispatch_activation(activation, p, [&](auto act) {
       const InputGradOp<T, decltype(act)::value> op{static_cast<const T*>(y), static_cast<const T*>(dy),
                                                     static_cast<T*>(dx), coeffs, activation_param<acc>(p)};
-      launch_elementwise<T>(ctx, op, layout, vectorize);
+      launch_elementwise<T>(ctx, op, layout, {y, dy, dx});
     });
   });
 }

@@ -5,20 +5,22 @@ namespace inplace_abn::cuda {
 namespace {
 
 // Mean and biased variance. Each thread sums its values' deviations from a shift (its first value,
-// then its running mean), which is exact enough when the shift is close to the mean, and every
-// kFoldEvery values folds those sums into its moments with Chan's merge; threads, blocks and ranges
-// are merged with Chan's formula too. One division per fold, none per value.
+// then its running mean) in the accumulate type, which is exact enough when the shift is close to
+// the mean, and every kFoldEvery values flushes those sums into its (count, mean, M2) in double
+// with Chan's merge; threads, blocks and ranges are merged with Chan's formula in double too. So the float
+// sums only ever hold up to kFoldEvery squared deviations from a recent mean (no overflow below
+// deviations of ~2e18, where torch's float Welford M2 overflows too), and M2 of any number of values
+// is kept in double. One reciprocal per flush, no division per value.
 template <typename T>
 struct StatisticsOp {
   using acc = acc_type<T>;
-  using Partial = Moments<acc>;
+  using Partial = Moments<double>;
   template <int V>
   struct Item {
-    acc x[V];
+    Pack<T, V> x;
   };
   struct Slot {
     acc shift, sum, sum_squares;
-    Moments<acc> moments;
   };
 
   const T* x;
@@ -27,37 +29,36 @@ struct StatisticsOp {
 
   template <int V>
   __device__ void load(int64_t offset, Item<V>& item) const {
-    cuda::load<V>(x + offset, item.x);
+    item.x = load_pack<V>(x + offset);
   }
   __device__ Slot slot(int64_t) const {
-    return {acc(0), acc(0), acc(0), {acc(0), acc(0), acc(0)}};
+    return {acc(0), acc(0), acc(0)};
   }
   template <typename I>
   __device__ void prime(Slot& s, const I& item, int j) const {
-    s.shift = item.x[j];
+    s.shift = to_acc(item.x.v[j]);
   }
   template <typename I>
   __device__ void add(Slot& s, const I& item, int j) const {
-    const acc d = item.x[j] - s.shift;
+    const acc d = to_acc(item.x.v[j]) - s.shift;
     s.sum += d;
     s.sum_squares += d * d;
   }
-  __device__ void fold(Slot& s, int count) const {
-    if (count == 0) return;
-    const acc n = acc(count);
-    const acc mean_shift = s.sum / n;
-    const acc m2 = s.sum_squares - s.sum * mean_shift;
-    s.moments = merge_moments(s.moments, Moments<acc>{n, s.shift + mean_shift, m2 > acc(0) ? m2 : acc(0)});
-    s.shift = s.moments.mean;
+  __device__ Partial flush(Slot& s, int added) const {
+    if (added == 0) return {0.0, 0.0, 0.0};
+    const double n = double(added), sum = double(s.sum), mean_shift = sum * reciprocal(n);
+    const double m2 = double(s.sum_squares) - sum * mean_shift;
     s.sum = s.sum_squares = acc(0);
+    return {n, double(s.shift) + mean_shift, m2 < 0.0 ? 0.0 : m2};  // (NaN stays NaN)
   }
-  __device__ Partial partial(Slot& s, int count) const {
-    fold(s, count);
-    return s.moments;
+  __device__ void rebase(Slot& s, const Partial& total) const {
+    s.shift = acc(total.mean);
   }
+  // No values (N * S == 0): NaN, as torch gives.
   __device__ void finish(int64_t c, const Partial& p) const {
-    mean[c] = p.mean;
-    var[c] = p.count > acc(0) ? p.m2 / p.count : acc(0);
+    const bool empty = p.count == 0.0;
+    mean[c] = empty ? std::numeric_limits<acc>::quiet_NaN() : acc(p.mean);
+    var[c] = empty ? std::numeric_limits<acc>::quiet_NaN() : acc(p.m2 * reciprocal(p.count));
   }
 };
 
@@ -106,7 +107,7 @@ void statistics(const LaunchContext& ctx, DType dtype, const void* x, const Chan
     using T = decltype(tag);
     using acc = acc_type<T>;
     const StatisticsOp<T> op{static_cast<const T*>(x), static_cast<acc*>(mean), static_cast<acc*>(var)};
-    launch_reduction<T>(ctx, op, layout, aligned(x));
+    launch_reduction<T>(ctx, op, layout, {x});
   });
 }
 
@@ -120,12 +121,11 @@ void normalize_act(const LaunchContext& ctx, DType dtype, void* x, void* preact,
     auto* coeffs = static_cast<NormalizeCoeffs<acc>*>(ctx.workspace(int64_t(sizeof(NormalizeCoeffs<acc>)) * layout.C));
     launch(normalize_coeffs_kernel<acc>, dim3(unsigned(ceil_div(layout.C, kThreads))), dim3(kThreads), ctx, layout.C,
            mean, var, weight, bias, static_cast<acc>(eps), coeffs);
-    const bool vectorize = aligned(x) && (preact == nullptr || aligned(preact));
     double p = activation_param_value;
     dispatch_activation(activation, p, [&](auto act) {
       const NormalizeOp<T, decltype(act)::value> op{static_cast<T*>(x), static_cast<T*>(preact), coeffs,
                                                    activation_param<acc>(p)};
-      launch_elementwise<T>(ctx, op, layout, vectorize);
+      launch_elementwise<T>(ctx, op, layout, {x, preact});
     });
   });
 }

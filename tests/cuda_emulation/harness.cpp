@@ -43,6 +43,11 @@ void emu_set_wave(int64_t blocks) {
   emu::wave_blocks = blocks;
 }
 
+// order: 0 launch order, 1 reversed, 2 shuffled (threads between barriers, and blocks) with `seed`.
+void emu_configure(int order, uint64_t seed, int poison_shared, int check_alignment) {
+  emu::configure(emu::Order(order), seed, poison_shared != 0, check_alignment != 0);
+}
+
 const char* emu_statistics(int dtype, const void* x, const ChannelLayout* layout, void* mean, void* var) {
   return guarded([&](const LaunchContext& ctx) {
     inplace_abn::cuda::statistics(ctx, DType(dtype), x, *layout, mean, var);

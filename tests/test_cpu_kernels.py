@@ -1,0 +1,151 @@
+"""The CPU kernels' plans (planes of any size, dense channels_last with any channel count, strided
+rows) against the float64 oracle, their determinism, and the accuracy of the statistics for large
+offsets and magnitudes compared with torch's own batch_norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_correctness import layout_input, random_inputs
+
+from inplace_abn import inplace_abn
+
+from oracle import assert_close, reference
+
+# Shapes chosen for the kernels' plans: C = 1, 2, 3 (periods of 64 / 96 values), 64, 70 and 2048
+# (one channel row per period), odd and 7x7 / 14x14 planes, a tail shorter than a period, 2-D
+# inputs, and sizes with several reduction tasks and blocks.
+SHAPES = [
+    (4, 1, 5, 7),
+    (3, 2, 9, 11),
+    (1, 2, 33, 65),
+    (2, 3, 7, 7),
+    (3, 5, 13, 17),
+    (4, 64, 7, 7),
+    (2, 70, 5, 5),
+    (2, 2048, 3, 3),
+    (2, 16, 14, 14),
+    (64, 3),
+    (2, 3, 128, 129),
+]
+
+
+@pytest.mark.parametrize("activation,param", [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.0)])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_plans_match_float64_reference(activation, param, shape, layout, dtype):
+    x, weight, bias, running_mean, running_var, dy = random_inputs(shape, dtype, "cpu")
+    expected = reference(x, weight, bias, running_mean, running_var, True, 0.1, 1e-5, activation, param, dy)
+    if layout == "channels_last" and (len(shape) == 2 or shape[1] == 1):
+        layout = "contiguous"  # the same memory order
+    leaf, x_in, input_grad = layout_input(x, layout)
+    w = weight.clone().requires_grad_()
+    b = bias.clone().requires_grad_()
+    rm, rv = running_mean.clone(), running_var.clone()
+    y = inplace_abn(x_in, w, b, rm, rv, True, 0.1, 1e-5, activation, param)
+    y.backward(dy)
+    assert_close(y.detach(), expected.y, dtype, "output")
+    assert_close(input_grad(leaf.grad), expected.dx, dtype, "input gradient")
+    assert_close(w.grad, expected.dweight, dtype, "weight gradient", factor=4)
+    assert_close(b.grad, expected.dbias, dtype, "bias gradient", factor=4)
+    assert_close(rm, expected.running_mean, dtype, "running_mean")
+    assert_close(rv, expected.running_var, dtype, "running_var")
+
+
+def _operators(x: torch.Tensor, dy: torch.Tensor, activation: str = "elu") -> list[torch.Tensor]:
+    ops = torch.ops.inplace_abn
+    channels = x.shape[1]
+    w, b = torch.full((channels,), 0.7), torch.full((channels,), 0.1)
+    mean, var = ops.statistics(x)
+    y = x.clone()
+    ops.normalize_act_(y, mean, var, w, b, 1e-5, activation, 1.0, None)
+    s1, s2 = ops.backward_reduce(y, dy, w, b, 1e-5, activation, 1.0)
+    dx = ops.backward_input(y, dy, var, w, b, s1, s2, x.numel() // channels, 1e-5, activation, 1.0)
+    return [mean, var, y, s1, s2, dx]
+
+
+@pytest.mark.parametrize(
+    "shape,memory_format",
+    [
+        ((2, 2, 256, 257), torch.channels_last),
+        ((3, 64, 40, 40), torch.channels_last),
+        ((3, 64, 40, 40), torch.contiguous_format),
+        ((8, 3, 7, 7), torch.contiguous_format),
+    ],
+    ids=str,
+)
+def test_results_do_not_depend_on_thread_count(shape, memory_format):
+    x = (torch.randn(shape) * 3 + 1).contiguous(memory_format=memory_format)
+    dy = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _operators(x, dy)
+        torch.set_num_threads(max(2, threads))
+        multi = _operators(x, dy)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, multi, strict=True):
+        assert torch.equal(a, b)
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+@pytest.mark.parametrize("shape", [(8, 4, 64, 64), (2, 3, 97, 101)], ids=str)
+def test_statistics_with_large_offset_at_least_as_accurate_as_torch(shape, memory_format):
+    """mean 1e4, std 1e-2 in float32: running_var and output errors against float64 <= torch's."""
+    x = (1e4 + 1e-2 * torch.randn(shape)).contiguous(memory_format=memory_format)
+    channels = shape[1]
+    expected_y = F.batch_norm(x.double(), None, None, None, None, True, 0.0, 1e-5)
+    expected_rv = x.double().transpose(0, 1).reshape(channels, -1).var(dim=1)
+
+    rm_t, rv_t = torch.zeros(channels), torch.ones(channels)
+    y_t = F.batch_norm(x.clone(), rm_t, rv_t, None, None, True, 1.0, 1e-5)
+    rm, rv = torch.zeros(channels), torch.ones(channels)
+    y = inplace_abn(
+        x.clone(), torch.full((channels,), 1 - 1e-5), torch.zeros(channels), rm, rv, True, 1.0, 1e-5, "identity", 0.0
+    )
+    assert _relative_error(rv, expected_rv) <= max(_relative_error(rv_t, expected_rv), 1e-6)
+    assert _relative_error(y, expected_y) <= _relative_error(y_t, expected_y)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_constant_huge_channel_gives_exact_statistics(memory_format, dtype):
+    x = torch.full((2, 3, 64, 64), 1e36, dtype=dtype).contiguous(memory_format=memory_format)
+    x[:, 1] = -3e38 if dtype == torch.float32 else -1e38
+    mean, var = torch.ops.inplace_abn.statistics(x)
+    assert torch.equal(mean, x[0, :, 0, 0].float())
+    assert torch.equal(var, torch.zeros(3))
+    bias = torch.tensor([0.5, -1.0, 2.0])
+    y = inplace_abn(x.clone(), torch.ones(3), bias, torch.zeros(3), torch.ones(3), True, 0.1, 1e-5, "identity", 0.0)
+    assert torch.equal(y.float(), bias.view(1, 3, 1, 1).expand(x.shape).to(dtype).float())
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+@pytest.mark.parametrize("std", [5e17, 1e18, 1e19])
+def test_statistics_of_huge_magnitudes_are_finite_and_accurate(memory_format, std):
+    """Squares of such values overflow float32 block sums: the kernels redo those blocks in double."""
+    x = (std * torch.randn(4, 3, 64, 64)).contiguous(memory_format=memory_format)
+    mean, var = torch.ops.inplace_abn.statistics(x)
+    flat = x.double().transpose(0, 1).reshape(3, -1)
+    assert torch.isfinite(mean).all() and torch.isfinite(var).all()
+    assert _relative_error(var, flat.var(dim=1, unbiased=False)) < 1e-5
+    assert (mean.double() - flat.mean(dim=1)).abs().max().item() < 1e-5 * std
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_value_gives_non_finite_statistics_of_its_channel_only(memory_format, bad):
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=memory_format)
+    x[1, 2, 5, 7] = bad
+    mean, var = torch.ops.inplace_abn.statistics(x)
+    assert torch.isfinite(mean[:2]).all() and torch.isfinite(var[:2]).all()
+    assert not torch.isfinite(var[2])
+    if bad != bad:
+        assert torch.isnan(mean[2])
