@@ -123,8 +123,10 @@ class ABN(nn.Module):
 
     def _count_batch(self) -> None:
         """Advances num_batches_tracked after a successful training forward (a failed one leaves it alone)."""
-        if self._counts_batch():
-            self.num_batches_tracked.add_(1)
+        if self.training and self.track_running_stats:
+            batches = self.num_batches_tracked
+            if batches is not None:
+                batches.add_(1)
 
     def _running_stats(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.training and not self.track_running_stats:
@@ -132,10 +134,26 @@ class ABN(nn.Module):
         return self.running_mean, self.running_var
 
     def _functional_arguments(self, x: torch.Tensor) -> tuple[Any, ...]:
-        """Checks x; the arguments of inplace_abn / inplace_abn_sync, in order."""
+        """Checks x; the arguments of inplace_abn / inplace_abn_sync, in order.
+
+        The same as _momentum_and_training(tensor_momentum=True) and _running_stats, with each module
+        attribute read once (a parameter or buffer lookup goes through nn.Module.__getattr__).
+        """
         self._check_input(x)
-        momentum, training = self._momentum_and_training(tensor_momentum=True)
-        running_mean, running_var = self._running_stats()
+        module_training, track = self.training, self.track_running_stats
+        running_mean, running_var = self.running_mean, self.running_var
+        momentum: Any = self.momentum
+        if momentum is None:
+            momentum = 0.0
+            batches = self.num_batches_tracked if module_training and track else None
+            if batches is not None:  # 1 / batches seen, this one included (see _momentum_and_training)
+                if torch.compiler.is_compiling():
+                    momentum = 1.0 / (batches.double() + 1)
+                else:
+                    momentum = 1.0 / (float(batches) + 1)
+        training = module_training or (running_mean is None and running_var is None)
+        if module_training and not track:
+            running_mean = running_var = None
         return (
             x,
             self.weight,
@@ -150,7 +168,7 @@ class ABN(nn.Module):
         )
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.size(1) != self.num_features:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != self.num_features:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) expects an input of shape (N, {self.num_features}, *), "

@@ -32,6 +32,7 @@ __all__ = ["ACTIVATIONS", "batch_norm_act", "inplace_abn", "inplace_abn_sync"]
 ACTIVATIONS = ("leaky_relu", "elu", "identity", "relu")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _warned: set[str] = set()
+_LOCAL = LocalReduction()  # stateless: one instance serves every call
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -68,6 +69,8 @@ def real_number(value: Any, name: str) -> float:
 
 def check_eps(eps: Any) -> float:
     """eps as a float; ValueError unless it is a finite number > 0."""
+    if type(eps) is float and 0.0 < eps < math.inf:  # the common case, without the generic number checks
+        return eps
     value = real_number(eps, "eps")
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
@@ -76,6 +79,8 @@ def check_eps(eps: Any) -> float:
 
 def check_momentum(momentum: Any) -> float:
     """momentum as a float; ValueError unless it is a finite number."""
+    if type(momentum) is float and -math.inf < momentum < math.inf:
+        return momentum
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not math.isfinite(momentum):
         raise ValueError(f"momentum must be a finite number when updating running statistics, got {momentum!r}")
     return float(momentum)
@@ -84,6 +89,8 @@ def check_momentum(momentum: Any) -> float:
 def check_activation(activation: Any, activation_param: Any) -> float:
     """activation_param as a float; ValueError unless `activation` is supported and `activation_param` is a finite
     number >= 0. While tracing (torch.compile) activation_param is returned as it is (it may be symbolic)."""
+    if type(activation_param) is float and 0.0 <= activation_param < math.inf and activation in ACTIVATIONS:
+        return activation_param  # the common case: a valid float (returned as it is, also while tracing)
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
     if torch.compiler.is_compiling():
@@ -167,11 +174,13 @@ def _check_arguments(
     activation: Any,
     activation_param: Any,
     min_values_per_channel: int,
-) -> tuple[Any, Any, Any]:
+    tracing: bool,
+) -> tuple[Any, Any, Any, bool]:
     """Every check happens before x is touched, so a failed call leaves every tensor unmodified.
 
-    Returns (momentum, eps, activation_param) as floats (momentum may be a tensor, and all three symbolic,
-    under torch.compile).
+    `tracing`: torch.compiler.is_compiling(), looked up once by the caller. Returns (momentum, eps,
+    activation_param, records_grad): the numbers as floats (momentum may be a tensor, and all three symbolic,
+    under torch.compile); records_grad: whether autograd records the call.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"inplace_abn expects a torch.Tensor input, got {type(x).__name__}")
@@ -184,16 +193,17 @@ def _check_arguments(
     activation_param = check_activation(activation, activation_param)
     # While tracing (torch.compile, export) numbers may be symbolic and momentum a tensor: their values
     # were checked when the module was built and are checked again by the operators.
-    tracing = torch.compiler.is_compiling()
     if not tracing:
         eps = check_eps(eps)
-    channels, device = x.size(1), x.device
+    shape = x.shape
+    channels, device = shape[1], x.device
+    expected = (channels,)
     for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if v is None:
             continue
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"{name} must be a tensor or None, got {type(v).__name__}")
-        if v.dim() != 1 or v.numel() != channels:
+        if v.shape != expected:
             raise ValueError(
                 f"{name} has shape {_shape(v)} but the input has {channels} channels (input shape {_shape(x)}): "
                 f"expected {name} of shape ({channels},)"
@@ -210,9 +220,7 @@ def _check_arguments(
         )
     if training and running_mean is not None and not tracing and not isinstance(momentum, torch.Tensor):
         momentum = check_momentum(momentum)
-    if not x.is_contiguous() and any(
-        size > 1 and stride == 0 for size, stride in zip(x.shape, x.stride(), strict=True)
-    ):
+    if not x.is_contiguous() and any(size > 1 and stride == 0 for size, stride in zip(shape, x.stride(), strict=True)):
         raise ValueError(
             "the input has overlapping memory (an expanded tensor) and cannot be written in place: pass x.contiguous()"
         )
@@ -225,10 +233,12 @@ def _check_arguments(
                 f"inplace_abn is trying to compute batch statistics, but the input of shape {_shape(x)} has "
                 f"{values} value(s) per channel: training needs more than one"
             )
+    records_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+    )
     if not tracing:
-        records_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
         _check_writable(x, records_grad, (running_mean, running_var) if training else (None, None))
-    return momentum, eps, activation_param
+    return momentum, eps, activation_param, records_grad
 
 
 def _kernel_layout(t: torch.Tensor) -> bool:
@@ -282,7 +292,7 @@ def _forward(
         training
         and isinstance(reduction, LocalReduction)
         and not torch.compiler.is_compiling()
-        and ops.has_train_ops(work.device)
+        and ops.has_train_ops(work)
     ):
         # The lean path: statistics, running statistics and normalization in one operator call.
         var = ops.train_forward_(
@@ -335,20 +345,15 @@ class _InPlaceABN(torch.autograd.Function):
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         if not _kernel_layout(kept):
             kept = kept.contiguous()
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if compiling:
             # A stride-by-stride comparison trips Dynamo with dynamic shapes; the kernels need dy laid out
             # like kept, which these calls give (without a copy where it already is).
             dy = dy.contiguous() if kept.is_contiguous() else dy.movedim(1, -1).contiguous().movedim(-1, 1)
         elif dy.stride() != kept.stride() and not _same_strides(dy, kept):
             dy = torch.empty_like(kept).copy_(dy)
         param = ctx.activation_param if ctx.activation != "relu" else 0.0
-        if (
-            ctx.training
-            and ctx.count is None
-            and need_x
-            and not torch.compiler.is_compiling()
-            and (ops.has_train_ops(kept.device))
-        ):
+        if ctx.training and ctx.count is None and need_x and not compiling and ops.has_train_ops(kept):
             # The lean path (unsynchronized training): both reductions and dx in one operator call.
             dx, dweight, dbias = ops.train_backward(kept, dy, var, weight, bias, ctx.eps, ctx.activation, param)
             return (
@@ -362,12 +367,12 @@ class _InPlaceABN(torch.autograd.Function):
         dx = None
         if need_x:
             count = ctx.count if ctx.count is not None else kept.numel() // kept.size(1)
-            if not torch.compiler.is_compiling() and isinstance(count, int) and count == 0:
+            if not compiling and isinstance(count, int) and count == 0:
                 count = 1  # an empty batch: no values, zero sums
             if ctx.training:
                 assert sum_dz is not None and sum_dz_xhat is not None
                 global_dz, global_dz_xhat = ctx.reduction.sums(sum_dz, sum_dz_xhat)
-                if isinstance(count, torch.Tensor) or torch.compiler.is_compiling():
+                if isinstance(count, torch.Tensor) or compiling:
                     # The operator's count is a plain int, which torch.compile would specialize on (a
                     # recompilation per batch size); a symbolic count (or the synchronized count tensor)
                     # divides the sums in the graph instead.
@@ -375,7 +380,7 @@ class _InPlaceABN(torch.autograd.Function):
                     count = 1
             else:
                 global_dz = global_dz_xhat = None
-                if torch.compiler.is_compiling():
+                if compiling:
                     count = 1  # unused without sums
             dx = ops.backward_input(
                 kept, dy, var, weight, bias, global_dz, global_dz_xhat, count, ctx.eps, ctx.activation, param
@@ -447,7 +452,10 @@ def _apply(
     activation: str,
     activation_param: float,
     reduction: Reduction,
+    records_grad: bool,
+    tracing: bool,
 ) -> torch.Tensor:
+    """Runs the checked call: through autograd when `records_grad`, else directly (`tracing`: under torch.compile)."""
     if native_activation(activation, activation_param) == "relu":
         what = "activation='relu'" if activation == "relu" else f"activation={activation!r} with activation_param=0"
         _warn_once(
@@ -455,10 +463,8 @@ def _apply(
             f"inplace_abn with {what} is ReLU, which is not invertible: the layer keeps its pre-activation for "
             "backward and saves no memory. Use leaky_relu with a small positive slope (e.g. 0.01) for the saving.",
         )
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if needs_grad:
-        function = _TracedABN if torch.compiler.is_compiling() else _InPlaceABN
-        return function.apply(
+    if records_grad:
+        return (_TracedABN if tracing else _InPlaceABN).apply(
             x,
             weight,
             bias,
@@ -523,7 +529,8 @@ def inplace_abn(
     Returns:
         x, holding the result.
     """
-    momentum, eps, activation_param = _check_arguments(
+    tracing = torch.compiler.is_compiling()
+    momentum, eps, activation_param, records_grad = _check_arguments(
         x,
         weight,
         bias,
@@ -535,6 +542,7 @@ def inplace_abn(
         activation,
         activation_param,
         min_values_per_channel=2,
+        tracing=tracing,
     )
     if not training and _exporting():
         assert running_mean is not None and running_var is not None
@@ -550,7 +558,9 @@ def inplace_abn(
         eps,
         activation,
         activation_param,
-        LocalReduction(),
+        _LOCAL,
+        records_grad,
+        tracing,
     )
 
 
@@ -574,7 +584,8 @@ def inplace_abn_sync(
     Without an initialized process group it runs unsynchronized, with a warning.
     """
     synchronized = training and distributed.is_available() and distributed.is_initialized()
-    momentum, eps, activation_param = _check_arguments(
+    tracing = torch.compiler.is_compiling()
+    momentum, eps, activation_param, records_grad = _check_arguments(
         x,
         weight,
         bias,
@@ -586,6 +597,7 @@ def inplace_abn_sync(
         activation,
         activation_param,
         min_values_per_channel=0 if synchronized else 2,
+        tracing=tracing,
     )
     if not training and _exporting():
         assert running_mean is not None and running_var is not None
@@ -599,7 +611,19 @@ def inplace_abn_sync(
                 "inplace_abn_sync is called but torch.distributed is not initialized: running unsynchronized "
                 "(like inplace_abn)",
             )
-        reduction = LocalReduction()
+        reduction = _LOCAL
     return _apply(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param, reduction
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        activation,
+        activation_param,
+        reduction,
+        records_grad,
+        tracing,
     )

@@ -36,10 +36,10 @@ def _impl(t: torch.Tensor) -> types.ModuleType | object:
     return torch.ops.inplace_abn if uses_native(t.device) else reference
 
 
-def has_train_ops(device: torch.device) -> bool:
-    """Whether train_forward_ / train_backward run in one call on `device`: the native CPU operators, or the
+def has_train_ops(t: torch.Tensor) -> bool:
+    """Whether train_forward_ / train_backward run in one call on `t`'s device: the native CPU operators, or the
     reference. The CUDA library has the split operators only (the training step composes them)."""
-    return device.type == "cpu" or not uses_native(device)
+    return t.is_cpu or not uses_native(t.device)
 
 
 def _register_fake(name: str):
