@@ -485,9 +485,15 @@ void statistics_flat(const T* x, const ChannelLayout& l, Moments<double>* out) {
     std::unique_ptr<FlatMomentScratch<double>> wide;
     Scratch<double> sums(2 * C);
     for (int64_t r = begin; r < end; ++r) {
+      // Both scratches use the range's shift (t1 and t2 are relative to it): the wide one, made at the
+      // first overflow of the task, is reset for every later range too.
       const T* first = x + r * ranges.length * f.P;
-      for (int64_t c = 0; c < C; ++c) narrow.shift[c] = to_acc(first[c]);
-      f.broadcast(narrow.shift, narrow.shift);
+      auto set_shift = [&](auto& scratch) {
+        for (int64_t c = 0; c < C; ++c) scratch.shift[c] = to_acc(first[c]);
+        f.broadcast(scratch.shift, scratch.shift);
+      };
+      set_shift(narrow);
+      if (wide) set_shift(*wide);
       double* t1 = &sums[0];
       double* t2 = t1 + C;
       std::fill(t1, t1 + 2 * C, 0.0);
@@ -497,8 +503,7 @@ void statistics_flat(const T* x, const ChannelLayout& l, Moments<double>* out) {
         if (flat_block_moments(x, f, q0, q1, narrow, t1, t2)) return;
         if (!wide) {
           wide = std::make_unique<FlatMomentScratch<double>>(f);
-          for (int64_t c = 0; c < C; ++c) wide->shift[c] = to_acc(first[c]);
-          f.broadcast(wide->shift, wide->shift);
+          set_shift(*wide);
         }
         flat_block_moments(x, f, q0, q1, *wide, t1, t2);
       });
