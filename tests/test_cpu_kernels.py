@@ -171,3 +171,5 @@ def test_non_finite_value_gives_non_finite_statistics_of_its_channel_only(memory
     assert not torch.isfinite(var[2])
     if bad != bad:
         assert torch.isnan(mean[2])
+    else:  # an infinity: its channel's mean is that infinity (the plain sum's, as torch's), the variance NaN
+        assert mean[2].item() == bad and torch.isnan(var[2])

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <type_traits>
@@ -520,6 +521,24 @@ void statistics_flat(const T* x, const ChannelLayout& l, Moments<double>* out) {
   }
 }
 
+// A channel whose merged mean is not finite holds a non-finite value (or, for float64, values whose
+// double sums overflow). The shifted sums give NaN for an infinity (inf - shift, then inf - inf in the
+// merges), where torch's mean is the plain sum's: +-inf for infinities of one sign, NaN for both signs
+// or a NaN. This rare path recomputes such a channel's plain sum in double and keeps its mean when it
+// is not finite; the variance is then NaN (as torch's).
+template <typename T>
+void nonfinite_channel_moments(const T* x, const ChannelLayout& l, int64_t c, Moments<double>& m) {
+  double sum = 0;
+  for (int64_t n = 0; n < l.N; ++n) {
+    const T* p = x + n * l.stride_n + c * l.stride_c;
+    for (int64_t s = 0; s < l.S; ++s) sum += static_cast<double>(to_acc(p[s * l.stride_s]));
+  }
+  const double mean = sum / m.count;
+  if (std::isfinite(mean)) return;
+  m.mean = mean;
+  m.m2 = std::numeric_limits<double>::quiet_NaN();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward: x <- act((x - mean) * scale + bias) in place, optionally keeping the pre-activation.
 // Centring first (as torch's batch_norm formula does) keeps the output exact for a large mean.
@@ -832,6 +851,7 @@ void statistics(DType dtype, const void* x, const ChannelLayout& layout, void* m
       statistics_rows(p, layout, &moments[0]);
     }
     for (int64_t c = 0; c < layout.C; ++c) {
+      if (moments[c].count > 0 && !std::isfinite(moments[c].mean)) nonfinite_channel_moments(p, layout, c, moments[c]);
       const Moments<double>& m = moments[c];
       static_cast<acc*>(mean)[c] = static_cast<acc>(m.mean);
       static_cast<acc*>(var)[c] = m.count > 0 ? static_cast<acc>(m.m2 / m.count) : acc(0);
