@@ -183,20 +183,28 @@ inline void for_row_groups(const ChannelLayout& l, int64_t first, int64_t count,
 // are finite wherever the double result is. The blocks are merged in double with Chan's formula
 // (or with shifted sums of centred block moments: see flat_statistics).
 
-// Moments of n contiguous values in A: the mean relative to the first value (x - shift is exact
-// for values near it), then squares about that mean rounded to A (c), corrected by the rounding:
-// sum((x - c)^2) = m2 + n * (mean - c)^2.
+// Moments of n contiguous values in A: an approximate mean c relative to the first value (x - shift
+// is exact for values near it), then the deviations d = x - c and their squares (the corrected
+// two-pass algorithm): mean = c + sum(d) / n, m2 = sum(d^2) - sum(d)^2 / n. The deviations are
+// centred, so their sum carries far less rounding than the first pass's (whose terms all lean the
+// way the shift lies from the mean): the mean of a channel whose mean is small against its spread
+// keeps its relative precision.
 template <typename A, typename T>
 Moments<double> run_moments(const T* p, int64_t n) {
   const A shift = static_cast<A>(to_acc(p[0]));
   const A offset = lane_sum<A>(n, [&](int64_t j) { return static_cast<A>(to_acc(p[j])) - shift; }) / static_cast<A>(n);
   const A centre = shift + offset;
-  const A squares = lane_sum<A>(n, [&](int64_t j) {
-    const A d = static_cast<A>(to_acc(p[j])) - centre;
-    return d * d;
-  });
-  const double mean = double(shift) + double(offset), rounding = mean - double(centre);
-  return {double(n), mean, double(squares) - double(n) * rounding * rounding};
+  A deviations, squares;
+  lane_sum2<A>(
+      n,
+      [&](int64_t j, A& sum_d, A& sum_squares) {
+        const A d = static_cast<A>(to_acc(p[j])) - centre;
+        sum_d += d;
+        sum_squares += d * d;
+      },
+      deviations, squares);
+  const double correction = double(deviations) / double(n);
+  return {double(n), double(centre) + correction, double(squares) - double(deviations) * correction};
 }
 
 template <typename T>
