@@ -101,7 +101,12 @@ void update_channel_values(const Tensor& t, int64_t channels, const F& f) {
     for (int64_t c = 0; c < channels; ++c) {
       double value = static_cast<double>(p[c * stride]);
       f(c, value);
-      p[c * stride] = static_cast<T>(value);
+      // float and the 16-bit types round from float (Half / BFloat16 have no double constructor).
+      if constexpr (std::is_same_v<T, double>) {
+        p[c * stride] = value;
+      } else {
+        p[c * stride] = static_cast<T>(static_cast<float>(value));
+      }
     }
   };
   switch (t.scalar_type()) {
