@@ -139,8 +139,30 @@ def test_statistics_of_huge_magnitudes_are_finite_and_accurate(memory_format, st
     assert (mean.double() - flat.mean(dim=1)).abs().max().item() < 1e-5 * std
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("shape", [(16, 2, 64, 64), (16, 3, 64, 64), (8, 5, 33, 31)], ids=str)
+def test_overflow_fallback_over_many_ranges_matches_float64(shape, memory_format, threads):
+    """Values whose float32 squares overflow, in tensors of several reduction ranges, reduced by one or two
+    threads: every block redone in double is taken relative to its own range's shift (the dense channels_last
+    plan reused the first range's shift for the later ranges of a thread: mean off by 128x at (16, 2, 64, 64)).
+    Only blocks that overflow take that path, so the values must be huge; float64 reference."""
+    generator = torch.Generator().manual_seed(1)
+    x64 = 1e18 * torch.randn(shape, dtype=torch.float64, generator=generator) + 3e17
+    x = x64.float().contiguous(memory_format=memory_format)
+    flat = x.double().transpose(0, 1).reshape(shape[1], -1)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        mean, var = torch.ops.inplace_abn.statistics(x)
+    finally:
+        torch.set_num_threads(previous)
+    assert (mean.double() - flat.mean(dim=1)).abs().max().item() < 1e-6 * 1e18
+    assert _relative_error(var, flat.var(dim=1, unbiased=False)) < 1e-6
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_value_gives_non_finite_statistics_of_its_channel_only(memory_format, bad):
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=memory_format)
     x[1, 2, 5, 7] = bad
@@ -149,3 +171,5 @@ def test_non_finite_value_gives_non_finite_statistics_of_its_channel_only(memory
     assert not torch.isfinite(var[2])
     if bad != bad:
         assert torch.isnan(mean[2])
+    else:  # an infinity: its channel's mean is that infinity (the plain sum's, as torch's), the variance NaN
+        assert mean[2].item() == bad and torch.isnan(var[2])

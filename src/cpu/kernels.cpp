@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <type_traits>
@@ -182,20 +183,28 @@ inline void for_row_groups(const ChannelLayout& l, int64_t first, int64_t count,
 // are finite wherever the double result is. The blocks are merged in double with Chan's formula
 // (or with shifted sums of centred block moments: see flat_statistics).
 
-// Moments of n contiguous values in A: the mean relative to the first value (x - shift is exact
-// for values near it), then squares about that mean rounded to A (c), corrected by the rounding:
-// sum((x - c)^2) = m2 + n * (mean - c)^2.
+// Moments of n contiguous values in A: an approximate mean c relative to the first value (x - shift
+// is exact for values near it), then the deviations d = x - c and their squares (the corrected
+// two-pass algorithm): mean = c + sum(d) / n, m2 = sum(d^2) - sum(d)^2 / n. The deviations are
+// centred, so their sum carries far less rounding than the first pass's (whose terms all lean the
+// way the shift lies from the mean): the mean of a channel whose mean is small against its spread
+// keeps its relative precision.
 template <typename A, typename T>
 Moments<double> run_moments(const T* p, int64_t n) {
   const A shift = static_cast<A>(to_acc(p[0]));
   const A offset = lane_sum<A>(n, [&](int64_t j) { return static_cast<A>(to_acc(p[j])) - shift; }) / static_cast<A>(n);
   const A centre = shift + offset;
-  const A squares = lane_sum<A>(n, [&](int64_t j) {
-    const A d = static_cast<A>(to_acc(p[j])) - centre;
-    return d * d;
-  });
-  const double mean = double(shift) + double(offset), rounding = mean - double(centre);
-  return {double(n), mean, double(squares) - double(n) * rounding * rounding};
+  A deviations, squares;
+  lane_sum2<A>(
+      n,
+      [&](int64_t j, A& sum_d, A& sum_squares) {
+        const A d = static_cast<A>(to_acc(p[j])) - centre;
+        sum_d += d;
+        sum_squares += d * d;
+      },
+      deviations, squares);
+  const double correction = double(deviations) / double(n);
+  return {double(n), double(centre) + correction, double(squares) - double(deviations) * correction};
 }
 
 template <typename T>
@@ -485,9 +494,15 @@ void statistics_flat(const T* x, const ChannelLayout& l, Moments<double>* out) {
     std::unique_ptr<FlatMomentScratch<double>> wide;
     Scratch<double> sums(2 * C);
     for (int64_t r = begin; r < end; ++r) {
+      // Both scratches use the range's shift (t1 and t2 are relative to it): the wide one, made at the
+      // first overflow of the task, is reset for every later range too.
       const T* first = x + r * ranges.length * f.P;
-      for (int64_t c = 0; c < C; ++c) narrow.shift[c] = to_acc(first[c]);
-      f.broadcast(narrow.shift, narrow.shift);
+      auto set_shift = [&](auto& scratch) {
+        for (int64_t c = 0; c < C; ++c) scratch.shift[c] = to_acc(first[c]);
+        f.broadcast(scratch.shift, scratch.shift);
+      };
+      set_shift(narrow);
+      if (wide) set_shift(*wide);
       double* t1 = &sums[0];
       double* t2 = t1 + C;
       std::fill(t1, t1 + 2 * C, 0.0);
@@ -497,8 +512,7 @@ void statistics_flat(const T* x, const ChannelLayout& l, Moments<double>* out) {
         if (flat_block_moments(x, f, q0, q1, narrow, t1, t2)) return;
         if (!wide) {
           wide = std::make_unique<FlatMomentScratch<double>>(f);
-          for (int64_t c = 0; c < C; ++c) wide->shift[c] = to_acc(first[c]);
-          f.broadcast(wide->shift, wide->shift);
+          set_shift(*wide);
         }
         flat_block_moments(x, f, q0, q1, *wide, t1, t2);
       });
@@ -513,6 +527,24 @@ void statistics_flat(const T* x, const ChannelLayout& l, Moments<double>* out) {
     out[c] = Moments<double>{0, 0, 0};
     for (int64_t r = 0; r < ranges.count; ++r) out[c] = merge_moments(out[c], partial[r * C + c]);
   }
+}
+
+// A channel whose merged mean is not finite holds a non-finite value (or, for float64, values whose
+// double sums overflow). The shifted sums give NaN for an infinity (inf - shift, then inf - inf in the
+// merges), where torch's mean is the plain sum's: +-inf for infinities of one sign, NaN for both signs
+// or a NaN. This rare path recomputes such a channel's plain sum in double and keeps its mean when it
+// is not finite; the variance is then NaN (as torch's).
+template <typename T>
+void nonfinite_channel_moments(const T* x, const ChannelLayout& l, int64_t c, Moments<double>& m) {
+  double sum = 0;
+  for (int64_t n = 0; n < l.N; ++n) {
+    const T* p = x + n * l.stride_n + c * l.stride_c;
+    for (int64_t s = 0; s < l.S; ++s) sum += static_cast<double>(to_acc(p[s * l.stride_s]));
+  }
+  const double mean = sum / m.count;
+  if (std::isfinite(mean)) return;
+  m.mean = mean;
+  m.m2 = std::numeric_limits<double>::quiet_NaN();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -827,6 +859,7 @@ void statistics(DType dtype, const void* x, const ChannelLayout& layout, void* m
       statistics_rows(p, layout, &moments[0]);
     }
     for (int64_t c = 0; c < layout.C; ++c) {
+      if (moments[c].count > 0 && !std::isfinite(moments[c].mean)) nonfinite_channel_moments(p, layout, c, moments[c]);
       const Moments<double>& m = moments[c];
       static_cast<acc*>(mean)[c] = static_cast<acc>(m.mean);
       static_cast<acc*>(var)[c] = m.count > 0 ? static_cast<acc>(m.m2 / m.count) : acc(0);

@@ -2,6 +2,7 @@
 // coefficients (abn_math.h) here; the element loops in kernels.cpp, compiled per instruction set,
 // of which the best one the processor supports is used. INPLACE_ABN_CPU_ISA=baseline forces the
 // portable build (the tests run both).
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -108,7 +109,12 @@ void update_channel_values(const Tensor& t, int64_t channels, const F& f) {
     for (int64_t c = 0; c < channels; ++c) {
       double value = static_cast<double>(p[c * stride]);
       f(c, value);
-      p[c * stride] = static_cast<T>(value);
+      // float and the 16-bit types round from float (Half / BFloat16 have no double constructor).
+      if constexpr (std::is_same_v<T, double>) {
+        p[c * stride] = value;
+      } else {
+        p[c * stride] = static_cast<T>(static_cast<float>(value));
+      }
     }
   };
   switch (t.scalar_type()) {
@@ -155,12 +161,21 @@ void normalize_with(const Tensor& x, const OpArgs& args, const acc* m, const acc
   const auto w = channel_values<acc>(weight, l.C, 1);
   const auto b = channel_values<acc>(bias, l.C, 0);
   // The kernels compute (x - mean) * scale + bias: x * scale + shift would cancel when the mean is large.
-  std::vector<acc> scale(l.C);
+  // A channel whose scale is not finite (an infinite weight) is given torch's (and the CUDA kernels' and
+  // the fallback's) formula instead, mean 0 and bias `shift`, so that its NaN / inf pattern is theirs: with
+  // scale inf, x * inf + (b - mean * inf) is NaN where x and mean have the same sign, where
+  // (x - mean) * inf + b would give +-inf (and ReLU / ELU then a finite 0 / -alpha where torch's is NaN).
+  std::vector<acc> scale(l.C), mean(m, m + l.C), shift(b);
   for (int64_t c = 0; c < l.C; ++c) {
-    scale[c] = normalize_coeffs(m[c], v[c], affine_scale(w[c], weight.has_value(), e), b[c], e).scale;
+    const auto k = normalize_coeffs(m[c], v[c], affine_scale(w[c], weight.has_value(), e), b[c], e);
+    scale[c] = k.scale;
+    if (!std::isfinite(k.scale)) {
+      mean[c] = 0;
+      shift[c] = k.shift;
+    }
   }
   kernels().normalize_act(args.dtype, x.mutable_data_ptr(), preact.has_value() ? preact->mutable_data_ptr() : nullptr,
-                          l, m, scale.data(), b.data(), args.activation, activation_param);
+                          l, mean.data(), scale.data(), shift.data(), args.activation, activation_param);
 }
 
 void normalize_act_(const Tensor& x, const Tensor& mean, const Tensor& var, const std::optional<Tensor>& weight,
