@@ -239,9 +239,14 @@ struct NormalizeCoeffs {
   acc bias;
 };
 
+// A channel whose scale is not finite (an infinite weight, or var + eps = 0) gets torch's form instead,
+// mean 0 and bias - mean * scale, so that its NaN / inf pattern is torch's: x * inf + (b - mean * inf) is
+// NaN where (x - mean) * inf + b would be +-inf (and ReLU / ELU then a finite 0 / -alpha).
 template <typename acc>
 ABN_HOST_DEVICE NormalizeCoeffs<acc> normalize_coeffs(acc mean, acc var, acc s, acc bias, acc eps) {
-  return {mean, s * inverse_std(var, eps), bias};
+  const acc scale = s * inverse_std(var, eps);
+  const bool finite = scale - scale == acc(0);  // false for +-inf and NaN; no <cmath> call on the device
+  return finite ? NormalizeCoeffs<acc>{mean, scale, bias} : NormalizeCoeffs<acc>{acc(0), scale, bias - mean * scale};
 }
 
 template <typename acc>

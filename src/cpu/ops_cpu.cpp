@@ -2,7 +2,6 @@
 // coefficients (abn_math.h) here; the element loops in kernels.cpp, compiled per instruction set,
 // of which the best one the processor supports is used. INPLACE_ABN_CPU_ISA=baseline forces the
 // portable build (the tests run both).
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -160,19 +159,13 @@ void normalize_with(const Tensor& x, const OpArgs& args, const acc* m, const acc
   const acc e = static_cast<acc>(eps);
   const auto w = channel_values<acc>(weight, l.C, 1);
   const auto b = channel_values<acc>(bias, l.C, 0);
-  // The kernels compute (x - mean) * scale + bias: x * scale + shift would cancel when the mean is large.
-  // A channel whose scale is not finite (an infinite weight) is given torch's (and the CUDA kernels' and
-  // the fallback's) formula instead, mean 0 and bias `shift`, so that its NaN / inf pattern is theirs: with
-  // scale inf, x * inf + (b - mean * inf) is NaN where x and mean have the same sign, where
-  // (x - mean) * inf + b would give +-inf (and ReLU / ELU then a finite 0 / -alpha where torch's is NaN).
-  std::vector<acc> scale(l.C), mean(m, m + l.C), shift(b);
+  // The kernels compute normalize() of abn_math.h, (x - mean) * scale + bias (see normalize_coeffs).
+  std::vector<acc> mean(l.C), scale(l.C), shift(l.C);
   for (int64_t c = 0; c < l.C; ++c) {
     const auto k = normalize_coeffs(m[c], v[c], affine_scale(w[c], weight.has_value(), e), b[c], e);
+    mean[c] = k.mean;
     scale[c] = k.scale;
-    if (!std::isfinite(k.scale)) {
-      mean[c] = 0;
-      shift[c] = k.shift;
-    }
+    shift[c] = k.bias;
   }
   kernels().normalize_act(args.dtype, x.mutable_data_ptr(), preact.has_value() ? preact->mutable_data_ptr() : nullptr,
                           l, mean.data(), scale.data(), shift.data(), args.activation, activation_param);
