@@ -8,7 +8,7 @@
                                      way torch.ops.load_library loads it, before torch's lib folder is on
                                      the DLL search path; then with the folders the loader adds
     python checks.py cuda-unused     the package holds a CUDA library and torch is a CPU build: the loader
-                                     never loads it (nor torch_cuda.dll), and doctor says why
+                                     never loads it (nor torch_cuda.dll), and doctor notes why
     python checks.py doctor          `python -m inplace_abn doctor --json`, in a fresh process, lists the
                                      DLL folders the loader added, and finds the kernels working
 
@@ -232,9 +232,13 @@ def case_cuda_unused() -> None:
     text = run_doctor().stdout
     print("  doctor:\n    " + text.strip().replace("\n", "\n    "))
     lines = [line for line in text.splitlines() if line.startswith("library cuda")]
-    check(len(lines) == 1 and "NOT loaded" in lines[0], "doctor: `library cuda  NOT loaded: ...`")
-    why = [line for line in text.splitlines() if line.startswith("WARNING:") and "CUDA" in line and "CPU" in line]
-    check(why, "doctor says why, in a WARNING: torch is a CPU-only build")
+    check(
+        len(lines) == 1 and "not loaded: torch is a CPU-only build" in lines[0],
+        "doctor: `library cuda  not loaded: torch is a CPU-only build: ...`",
+    )
+    # A CPU torch is a supported setup (the one wheel carries CUDA libraries for CUDA torch builds): a note,
+    # not a warning or an error.
+    check(not any(line.startswith(("WARNING", "ERROR")) for line in text.splitlines()), "doctor reports no problem")
 
 
 def case_doctor() -> None:

@@ -194,15 +194,13 @@ Moments<double> run_moments(const T* p, int64_t n) {
   const A shift = static_cast<A>(to_acc(p[0]));
   const A offset = lane_sum<A>(n, [&](int64_t j) { return static_cast<A>(to_acc(p[j])) - shift; }) / static_cast<A>(n);
   const A centre = shift + offset;
-  A deviations, squares;
-  lane_sum2<A>(
-      n,
-      [&](int64_t j, A& sum_d, A& sum_squares) {
-        const A d = static_cast<A>(to_acc(p[j])) - centre;
-        sum_d += d;
-        sum_squares += d * d;
-      },
-      deviations, squares);
+  // Two loops over the cache-resident block: GCC vectorizes neither lane_sum2 nor a fused loop with two
+  // sums here (4x slower statistics).
+  const A deviations = lane_sum<A>(n, [&](int64_t j) { return static_cast<A>(to_acc(p[j])) - centre; });
+  const A squares = lane_sum<A>(n, [&](int64_t j) {
+    const A d = static_cast<A>(to_acc(p[j])) - centre;
+    return d * d;
+  });
   const double correction = double(deviations) / double(n);
   return {double(n), double(centre) + correction, double(squares) - double(deviations) * correction};
 }
