@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -21,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from inplace_abn import InPlaceABN, ops
-from inplace_abn.bench import environment
+
+from report import write_report
 
 ACTIVATION_PARAMS = {"leaky_relu": 0.01, "elu": 1.0, "identity": 0.0}
 
@@ -134,20 +134,7 @@ def main() -> None:
                     f"  {name:<36}{m['forward']:>8.2f}ms{m['backward']:>8.2f}ms{m['total']:>8.2f}ms"
                     f"{result['speedup_vs_torch'][name]:>9.2f}x"
                 )
-    report = {
-        "command": "python benchmarks/cpu_layer.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} '{v}'"
-            for k, v in vars(args).items()
-            if v not in (None, False, "") and k != "json"
-        ),
-        "machine": environment(torch.device("cpu")),
-        "note": args.note,
-        "cases": cases,
-    }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report("cpu_layer.py", args, cases)
 
 
 if __name__ == "__main__":

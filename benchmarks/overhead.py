@@ -16,7 +16,6 @@ wall-clock time.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -25,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from inplace_abn import InPlaceABN
-from inplace_abn.bench import environment
+
+from report import write_report
 
 SHAPES = ["2,16,4,4", "8,64,8,8", "32,256,7,7", "32,2048,7,7", "16,64,56,56"]
 ACTIVATIONS = {"leaky_relu": 0.01, "elu": 1.0, "identity": 0.0}
@@ -131,20 +131,7 @@ def main() -> None:
                     + "; ".join(f"{name} {times[name]:.0f} ({ratios[name]:.2f}x)" for name in times),
                     flush=True,
                 )
-    report = {
-        "command": "python benchmarks/overhead.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} '{v}'"
-            for k, v in vars(args).items()
-            if v not in (None, False, "") and k != "json"
-        ),
-        "machine": environment(torch.device("cpu")),
-        "note": args.note,
-        "cases": cases,
-    }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report("overhead.py", args, cases)
 
 
 if __name__ == "__main__":
