@@ -775,18 +775,23 @@ void backward_input_kernel(const T* y, const T* dy, T* dx, const ChannelLayout& 
     });
   } else if (is_dense_rows(l)) {
     const FlatPlan f(l);
-    const auto k = f.expand<InputGradCoeffs<acc>>([&](int64_t c) {
-      return InputGradCoeffs<acc>{dz_scale[c], bias[c], centered_scale[c], offset[c]};
-    });
+    // One array per coefficient (unit-stride loads that vectorize), not an array of structs.
+    const auto k_dz = f.expand<acc>([&](int64_t c) { return dz_scale[c]; });
+    const auto k_bias = f.expand<acc>([&](int64_t c) { return bias[c]; });
+    const auto k_centered = f.expand<acc>([&](int64_t c) { return centered_scale[c]; });
+    const auto k_offset = f.expand<acc>([&](int64_t c) { return offset[c]; });
     flat_for(f, [&](int64_t at, int64_t len) {
       const T* __restrict py = y + at;
       const T* __restrict pdy = dy + at;
       T* __restrict pdx = dx + at;
-      const InputGradCoeffs<acc>* __restrict pk = k.get();
+      const acc* __restrict a = k_dz.get();
+      const acc* __restrict b = k_bias.get();
+      const acc* __restrict c = k_centered.get();
+      const acc* __restrict o = k_offset.get();
       for (int64_t j = 0; j < len; ++j) {
         acc z, dz;
         Ops::recover(to_acc(py[j]), to_acc(pdy[j]), param, z, dz);
-        pdx[j] = from_acc<T>(input_grad(pk[j], z, dz));
+        pdx[j] = from_acc<T>(input_grad(InputGradCoeffs<acc>{a[j], b[j], c[j], o[j]}, z, dz));
       }
     });
   } else {
