@@ -68,7 +68,9 @@ VARIANTS: dict[str, Callable[[int, str], nn.Module]] = {
 }
 
 
-def measure(shape, memory_format, activation, repeats, warmup, variants, dtype=torch.float32) -> dict:
+def measure(
+    shape, memory_format, activation, repeats, warmup, variants, dtype=torch.float32, clock=time.perf_counter
+) -> dict:
     x0 = torch.randn(shape).to(dtype).contiguous(memory_format=memory_format)
     dy = torch.randn_like(x0)
     modules = {name: make(shape[1], activation).to(dtype) for name, make in variants.items()}
@@ -79,11 +81,11 @@ def measure(shape, memory_format, activation, repeats, warmup, variants, dtype=t
             x = leaf.clone()
             context = reference_operators() if isinstance(module, Fallback) else contextlib.nullcontext()
             with context:
-                start = time.perf_counter()
+                start = clock()
                 y = module(x)
-                middle = time.perf_counter()
+                middle = clock()
                 y.backward(dy)
-                end = time.perf_counter()
+                end = clock()
             if step >= warmup:
                 timings[name]["forward"].append((middle - start) * 1e3)
                 timings[name]["backward"].append((end - middle) * 1e3)
@@ -110,6 +112,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16, ...")
     parser.add_argument("--formats", default="contiguous,channels_last")
     parser.add_argument("--no-fallback", action="store_true", help="leave out the pure-PyTorch fallback")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: time.perf_counter; cpu: the process's CPU time (all threads), steadier on a shared host",
+    )
     parser.add_argument("--note", default="", help="recorded with the results (e.g. machine load)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -122,7 +130,8 @@ def main() -> None:
     cases = []
     for memory_format in (formats[f] for f in args.formats.split(",")):
         for activation in args.activations.split(","):
-            result = measure(shape, memory_format, activation, args.repeats, args.warmup, variants, dtype)
+            clock = time.process_time if args.clock == "cpu" else time.perf_counter
+            result = measure(shape, memory_format, activation, args.repeats, args.warmup, variants, dtype, clock)
             cases.append(result)
             print(
                 f"\n{tuple(shape)} {result['memory_format']} {args.dtype} {activation}, {args.threads} threads, "
