@@ -15,7 +15,8 @@ from oracle import assert_close, reference
 
 # Shapes chosen for the kernels' plans: C = 1, 2, 3 (periods of 64 / 96 values), 64, 70 and 2048
 # (one channel row per period), odd and 7x7 / 14x14 planes, a tail shorter than a period, 2-D
-# inputs, and sizes with several reduction tasks and blocks.
+# inputs, and sizes with several reduction tasks and blocks. Small NCHW planes are reduced several
+# samples per task from 128 planes on: (7, 40, 5, 5) has groups of 4 samples and a last one of 3.
 SHAPES = [
     (4, 1, 5, 7),
     (3, 2, 9, 11),
@@ -28,6 +29,7 @@ SHAPES = [
     (2, 16, 14, 14),
     (64, 3),
     (2, 3, 128, 129),
+    (7, 40, 5, 5),
 ]
 
 
@@ -73,6 +75,7 @@ def _operators(x: torch.Tensor, dy: torch.Tensor, activation: str = "elu") -> li
         ((3, 64, 40, 40), torch.channels_last),
         ((3, 64, 40, 40), torch.contiguous_format),
         ((8, 3, 7, 7), torch.contiguous_format),
+        ((13, 20, 7, 7), torch.contiguous_format),
     ],
     ids=str,
 )

@@ -57,33 +57,56 @@ struct Scratch {
   }
 };
 
-// Sum of f(i) for i in [0, n), with kLanes independent partial sums.
-template <typename acc, typename F>
-inline acc lane_sum(int64_t n, const F& f) {
-  acc lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += f(i + j);
+// Runs: `runs` runs of n values, run r starting at element r * stride (one plane, or the same
+// channel's small planes in consecutive samples). Lane sums below add f(offset) over all of them,
+// the partial sums carried across runs (one fold per call, not per run).
+struct Runs {
+  int64_t n, runs = 1, stride = 0;
+  int64_t count() const {
+    return n * runs;
   }
+};
+
+// Sum of f(offset) over the values of `r`, with kLanes independent partial sums.
+template <typename acc, typename F>
+inline acc lane_sum(Runs r, const F& f) {
+  acc lanes[kLanes] = {};
   acc tail = 0;
-  for (; i < n; ++i) tail += f(i);
+  for (int64_t run = 0; run < r.runs; ++run) {
+    const int64_t base = run * r.stride;
+    int64_t i = 0;
+    for (; i + kLanes <= r.n; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) lanes[j] += f(base + i + j);
+    }
+    for (; i < r.n; ++i) tail += f(base + i);
+  }
   for (int width = kLanes / 2; width > 0; width /= 2) {
     for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
   }
   return lanes[0] + tail;
 }
 
-// Two sums at once: f(i, a, b) adds its terms to a and b.
 template <typename acc, typename F>
-inline void lane_sum2(int64_t n, const F& f, acc& sum_a, acc& sum_b) {
-  acc a[kLanes] = {}, b[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) f(i + j, a[j], b[j]);
-  }
+inline acc lane_sum(int64_t n, const F& f) {
+  return lane_sum<acc>(Runs{n}, f);
+}
+
+// Two sums at once: f(offset, a, b) adds its terms to a and b, with W partial sums of each. GCC 12
+// vectorizes the statistics' pair (deviations, squares) with W = 32 only: with 16 it vectorizes the
+// outer loop, with shuffles, 4x slower.
+template <int W, typename acc, typename F>
+inline void lane_sum2(Runs r, const F& f, acc& sum_a, acc& sum_b) {
+  acc a[W] = {}, b[W] = {};
   acc tail_a = 0, tail_b = 0;
-  for (; i < n; ++i) f(i, tail_a, tail_b);
-  for (int width = kLanes / 2; width > 0; width /= 2) {
+  for (int64_t run = 0; run < r.runs; ++run) {
+    const int64_t base = run * r.stride;
+    int64_t i = 0;
+    for (; i + W <= r.n; i += W) {
+      for (int j = 0; j < W; ++j) f(base + i + j, a[j], b[j]);
+    }
+    for (; i < r.n; ++i) f(base + i, tail_a, tail_b);
+  }
+  for (int width = W / 2; width > 0; width /= 2) {
     for (int j = 0; j < width; ++j) {
       a[j] += a[j + width];
       b[j] += b[j + width];
@@ -116,25 +139,35 @@ inline void for_rows(const ChannelLayout& l, int64_t first, int64_t count, const
   for (int64_t k = 0; k < count; ++k, row.next()) f(row.offset());
 }
 
-// Reductions over Planes: tasks are chunks of the planes, indexed (c, n, k) so that each channel's
-// partial results are adjacent and merged in a fixed order.
+// Reductions over Planes: a task is a chunk of one plane, or, for planes smaller than half a block
+// (7x7, 14x14), whole planes of one channel in consecutive samples, up to a block of values (the
+// per-task work of folding lanes and merging partial results is then paid per block, not per
+// plane). Tasks are indexed (c, group of samples, k) so that each channel's partial results are
+// adjacent and merged in a fixed order; the split depends on the shape only.
 struct PlaneChunks {
-  int64_t per_plane, length, count;
+  int64_t per_plane, length, runs, groups, count;
   explicit PlaneChunks(const ChannelLayout& l) {
     const int64_t planes = l.N * l.C;
     const int64_t wanted = ceil_div(kMinTasks, std::max<int64_t>(planes, 1));
     const int64_t most = std::max<int64_t>(1, l.S / (kBlock / 2));
     length = std::max<int64_t>(1, ceil_div(l.S, std::min(wanted, most)));
     per_plane = ceil_div(l.S, length);
-    count = planes * per_plane;
+    // Planes per task: as many as fill a block, as long as kMinTasks tasks remain.
+    runs = per_plane > 1 ? 1 : std::clamp<int64_t>(std::min(kBlock / std::max<int64_t>(l.S, 1), planes / kMinTasks), 1, std::max<int64_t>(l.N, 1));
+    groups = ceil_div(l.N, runs);
+    count = l.C * groups * per_plane;
   }
-  // Channel, offset of the first value and length of chunk i.
-  void span(const ChannelLayout& l, int64_t i, int64_t& channel, int64_t& offset, int64_t& size) const {
-    const int64_t k = i % per_plane, plane = i / per_plane;
-    channel = plane / l.N;
+  // Channel, offset of the first value and the runs of task i (its chunk of one plane, or its planes).
+  void span(const ChannelLayout& l, int64_t i, int64_t& channel, int64_t& offset, Runs& r) const {
+    const int64_t k = i % per_plane, unit = i / per_plane;
+    channel = unit / groups;
+    const int64_t first_sample = (unit % groups) * runs;
     const int64_t start = k * length;
-    offset = (plane % l.N) * l.stride_n + channel * l.stride_c + start;
-    size = std::min(length, l.S - start);
+    offset = first_sample * l.stride_n + channel * l.stride_c + start;
+    r = Runs{std::min(length, l.S - start), std::min(runs, l.N - first_sample), l.stride_n};
+  }
+  int64_t per_channel() const {
+    return groups * per_plane;
   }
 };
 
@@ -190,44 +223,29 @@ inline void for_row_groups(const ChannelLayout& l, int64_t first, int64_t count,
 // way the shift lies from the mean): the mean of a channel whose mean is small against its spread
 // keeps its relative precision.
 template <typename A, typename T>
-Moments<double> run_moments(const T* p, int64_t n) {
+Moments<double> run_moments(const T* p, Runs r) {
+  const int64_t n = r.count();
   const A shift = static_cast<A>(to_acc(p[0]));
-  const A offset = lane_sum<A>(n, [&](int64_t j) { return static_cast<A>(to_acc(p[j])) - shift; }) / static_cast<A>(n);
+  const A offset = lane_sum<A>(r, [&](int64_t j) { return static_cast<A>(to_acc(p[j])) - shift; }) / static_cast<A>(n);
   const A centre = shift + offset;
-  // Deviations and their squares in one loop. With kLanes (16) partial sums of each, GCC 12
-  // vectorizes the outer loop with shuffles (4x slower than two loops); with 32 it vectorizes the
-  // inner one, four registers of each sum.
-  constexpr int kWide = 2 * kLanes;
-  A dev[kWide] = {}, sq[kWide] = {};
-  int64_t i = 0;
-  for (; i + kWide <= n; i += kWide) {
-    for (int j = 0; j < kWide; ++j) {
-      const A d = static_cast<A>(to_acc(p[i + j])) - centre;
-      dev[j] += d;
-      sq[j] += d * d;
-    }
-  }
-  for (; i < n; ++i) {
-    const A d = static_cast<A>(to_acc(p[i])) - centre;
-    dev[0] += d;
-    sq[0] += d * d;
-  }
-  for (int width = kWide / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) {
-      dev[j] += dev[j + width];
-      sq[j] += sq[j + width];
-    }
-  }
-  const A deviations = dev[0], squares = sq[0];
+  A deviations, squares;
+  lane_sum2<2 * kLanes>(
+      r,
+      [&](int64_t j, A& dev, A& sq) {
+        const A d = static_cast<A>(to_acc(p[j])) - centre;
+        dev += d;
+        sq += d * d;
+      },
+      deviations, squares);
   const double correction = double(deviations) / double(n);
   return {double(n), double(centre) + correction, double(squares) - double(deviations) * correction};
 }
 
 template <typename T>
-Moments<double> block_moments(const T* p, int64_t n) {
-  const Moments<double> m = run_moments<acc_type<T>>(p, n);
+Moments<double> block_moments(const T* p, Runs r) {
+  const Moments<double> m = run_moments<acc_type<T>>(p, r);
   if (std::isfinite(m.mean) && std::isfinite(m.m2)) return m;
-  return run_moments<double>(p, n);  // overflowed in float (or non-finite data: then NaN / inf again)
+  return run_moments<double>(p, r);  // overflowed in float (or non-finite data: then NaN / inf again)
 }
 
 template <typename T>
@@ -236,16 +254,18 @@ void statistics_planes(const T* x, const ChannelLayout& l, Moments<double>* out)
   Scratch<Moments<double>> partial(chunks.count);
   parallel_for(chunks.count, kGrain / chunks.length, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      int64_t channel, offset, size;
-      chunks.span(l, i, channel, offset, size);
+      int64_t channel, offset;
+      Runs r;
+      chunks.span(l, i, channel, offset, r);
       Moments<double> m{0, 0, 0};
-      for (int64_t start = 0; start < size; start += kBlock) {
-        m = merge_moments(m, block_moments(x + offset + start, std::min(kBlock, size - start)));
+      // Several runs only for small planes: then r.count() <= kBlock, one block.
+      for (int64_t start = 0; start < r.n; start += kBlock) {
+        m = merge_moments(m, block_moments(x + offset + start, Runs{std::min(kBlock, r.n - start), r.runs, r.stride}));
       }
       partial[i] = m;
     }
   });
-  const int64_t per_channel = l.N * chunks.per_plane;
+  const int64_t per_channel = chunks.per_channel();
   for (int64_t c = 0; c < l.C; ++c) {
     out[c] = Moments<double>{0, 0, 0};
     for (int64_t j = c * per_channel; j < (c + 1) * per_channel; ++j) out[c] = merge_moments(out[c], partial[j]);
@@ -696,16 +716,17 @@ void backward_reduce_kernel(const T* y, const T* dy, const ChannelLayout& l, con
     Scratch<double> partial(2 * chunks.count);
     parallel_for(chunks.count, kGrain / chunks.length, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        int64_t c, offset, size;
-        chunks.span(l, i, c, offset, size);
+        int64_t c, offset;
+        Runs r;
+        chunks.span(l, i, c, offset, r);
         const acc b = bias[c];
         double total_dz = 0, total_centered = 0;
-        for (int64_t start = 0; start < size; start += kBlock) {
+        for (int64_t start = 0; start < r.n; start += kBlock) {
           const T* py = y + offset + start;
           const T* pdy = dy + offset + start;
           acc block_dz, block_centered;
-          lane_sum2<acc>(
-              std::min(kBlock, size - start),
+          lane_sum2<kLanes>(
+              Runs{std::min(kBlock, r.n - start), r.runs, r.stride},
               [&](int64_t j, acc& s1, acc& s2) {
                 acc z, dz;
                 Ops::recover(to_acc(py[j]), to_acc(pdy[j]), param, z, dz);
@@ -720,7 +741,7 @@ void backward_reduce_kernel(const T* y, const T* dy, const ChannelLayout& l, con
         partial[2 * i + 1] = total_centered;
       }
     });
-    const int64_t per_channel = l.N * chunks.per_plane;
+    const int64_t per_channel = chunks.per_channel();
     for (int64_t c = 0; c < l.C; ++c) {
       for (int64_t j = c * per_channel; j < (c + 1) * per_channel; ++j) {
         sum_dz[c] += partial[2 * j];
