@@ -153,7 +153,8 @@ struct PlaneChunks {
     length = std::max<int64_t>(1, ceil_div(l.S, std::min(wanted, most)));
     per_plane = ceil_div(l.S, length);
     // Planes per task: as many as fill a block, as long as kMinTasks tasks remain.
-    runs = per_plane > 1 ? 1 : std::clamp<int64_t>(std::min(kBlock / std::max<int64_t>(l.S, 1), planes / kMinTasks), 1, std::max<int64_t>(l.N, 1));
+    const int64_t fill = std::min(kBlock / std::max<int64_t>(l.S, 1), planes / kMinTasks);
+    runs = per_plane > 1 ? 1 : std::clamp<int64_t>(fill, 1, std::max<int64_t>(l.N, 1));
     groups = ceil_div(l.N, runs);
     count = l.C * groups * per_plane;
   }
@@ -216,9 +217,9 @@ inline void for_row_groups(const ChannelLayout& l, int64_t first, int64_t count,
 // are finite wherever the double result is. The blocks are merged in double with Chan's formula
 // (or with shifted sums of centred block moments: see flat_statistics).
 
-// Moments of n contiguous values in A: an approximate mean c relative to the first value (x - shift
-// is exact for values near it), then the deviations d = x - c and their squares (the corrected
-// two-pass algorithm): mean = c + sum(d) / n, m2 = sum(d^2) - sum(d)^2 / n. The deviations are
+// Moments of the n values of r (a run, or small planes of one channel) in A: an approximate mean c
+// relative to the first value (x - shift is exact for values near it), then the deviations d = x - c
+// and their squares (the corrected two-pass algorithm): mean = c + sum(d) / n, m2 = sum(d^2) - sum(d)^2 / n. The deviations are
 // centred, so their sum carries far less rounding than the first pass's (whose terms all lean the
 // way the shift lies from the mean): the mean of a channel whose mean is small against its spread
 // keeps its relative precision.
