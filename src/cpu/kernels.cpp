@@ -86,11 +86,6 @@ inline acc lane_sum(Runs r, const F& f) {
   return lanes[0] + tail;
 }
 
-template <typename acc, typename F>
-inline acc lane_sum(int64_t n, const F& f) {
-  return lane_sum<acc>(Runs{n}, f);
-}
-
 // Two sums at once: f(offset, a, b) adds its terms to a and b, with W partial sums of each. GCC 12
 // vectorizes the statistics' pair (deviations, squares) with W = 32 only: with 16 it vectorizes the
 // outer loop, with shuffles, 4x slower.
@@ -169,6 +164,10 @@ struct PlaneChunks {
   }
   int64_t per_channel() const {
     return groups * per_plane;
+  }
+  // Values per task, at most (the parallel grain is counted in values).
+  int64_t task_values() const {
+    return length * runs;
   }
 };
 
@@ -253,7 +252,7 @@ template <typename T>
 void statistics_planes(const T* x, const ChannelLayout& l, Moments<double>* out) {
   const PlaneChunks chunks(l);
   Scratch<Moments<double>> partial(chunks.count);
-  parallel_for(chunks.count, kGrain / chunks.length, [&](int64_t begin, int64_t end) {
+  parallel_for(chunks.count, kGrain / chunks.task_values(), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       int64_t channel, offset;
       Runs r;
@@ -715,7 +714,7 @@ void backward_reduce_kernel(const T* y, const T* dy, const ChannelLayout& l, con
   if (l.kind == ChannelLayout::Kind::Planes) {
     const PlaneChunks chunks(l);
     Scratch<double> partial(2 * chunks.count);
-    parallel_for(chunks.count, kGrain / chunks.length, [&](int64_t begin, int64_t end) {
+    parallel_for(chunks.count, kGrain / chunks.task_values(), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         int64_t c, offset;
         Runs r;
