@@ -326,16 +326,22 @@ def test_doctor_reports_and_exits_zero_when_healthy():
     assert "torch CUDA" in text and "CPU kernels" in text and "self-test     cpu: ok" in text
 
 
-def test_doctor_exits_non_zero_when_broken(tmp_path):
-    """A broken install (library file that cannot load) makes doctor fail, naming the cause."""
+def _doctor_in(environment: str) -> subprocess.CompletedProcess:
+    """Runs doctor in a fresh process whose loader status comes from `_native.Environment(<environment>)`."""
     script = (
         "import sys, inplace_abn._native as n\n"
-        "n._status = n.load_native(n.Environment(load_library=lambda p: (_ for _ in ()).throw("
-        "OSError(p + ': undefined symbol: aoti_torch_dtype_float32'))))\n"
+        f"n._status = n.load_native(n.Environment({environment}))\n"
         "from inplace_abn.doctor import main\n"
         "sys.exit(main([]))\n"
     )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+
+def test_doctor_exits_non_zero_when_broken(tmp_path):
+    """A broken install (library file that cannot load) makes doctor fail, naming the cause."""
+    run = _doctor_in(
+        "load_library=lambda p: (_ for _ in ()).throw(OSError(p + ': undefined symbol: aoti_torch_dtype_float32'))"
+    )
     assert run.returncode == 1
     assert "ERROR: the native CPU library inplace_abn_cpu" in run.stdout
     assert "undefined symbol: aoti_torch_dtype_float32" in run.stdout and "fix:" in run.stdout
@@ -352,13 +358,7 @@ def test_installed_cuda_libraries_match_build_info():
 
 
 def test_doctor_names_what_to_uninstall_when_mapillarys_package_is_installed():
-    script = (
-        "import sys, inplace_abn._native as n\n"
-        "n._status = n.load_native(n.Environment(distribution_version={'inplace-abn': '1.1.0'}.get))\n"
-        "from inplace_abn.doctor import main\n"
-        "sys.exit(main([]))\n"
-    )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    run = _doctor_in("distribution_version={'inplace-abn': '1.1.0'}.get")
     assert run.returncode == 1
     assert "ERROR: mapillary's inplace-abn is installed beside torch-inplace-abn" in run.stdout
     assert "  fix:   pip uninstall -y inplace-abn torch-inplace-abn, then pip install torch-inplace-abn" in run.stdout

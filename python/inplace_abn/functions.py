@@ -463,35 +463,11 @@ def _apply(
             f"inplace_abn with {what} is ReLU, which is not invertible: the layer keeps its pre-activation for "
             "backward and saves no memory. Use leaky_relu with a small positive slope (e.g. 0.01) for the saving.",
         )
+    args = (weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param, reduction)
     if records_grad:
-        return (_TracedABN if tracing else _InPlaceABN).apply(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            training,
-            momentum,
-            eps,
-            activation,
-            activation_param,
-            reduction,
-        )
+        return (_TracedABN if tracing else _InPlaceABN).apply(x, *args)
     with torch.no_grad():
-        _forward(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            training,
-            momentum,
-            eps,
-            activation,
-            activation_param,
-            reduction,
-            keep_preact=False,
-        )
+        _forward(x, *args, keep_preact=False)
     # The kernels write through the dispatcher without autograd's bookkeeping: bump the version so a
     # tensor that autograd saved earlier is known to be overwritten.
     torch.autograd.graph.increment_version(x)
