@@ -474,6 +474,67 @@ def _apply(
     return x
 
 
+def _checked_call(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: Any,
+    eps: Any,
+    activation: Any,
+    activation_param: Any,
+    group: Any,
+    sync: bool,
+) -> torch.Tensor:
+    """The body of inplace_abn (`sync` False) and inplace_abn_sync (`sync` True, statistics synchronized over
+    `group` when torch.distributed is initialized): every check first, then the export form or the call."""
+    synchronized = sync and training and distributed.is_available() and distributed.is_initialized()
+    tracing = torch.compiler.is_compiling()
+    momentum, eps, activation_param, records_grad = _check_arguments(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        activation,
+        activation_param,
+        min_values_per_channel=0 if synchronized else 2,
+        tracing=tracing,
+    )
+    if not training and _exporting():
+        assert running_mean is not None and running_var is not None
+        return batch_norm_act(x, weight, bias, running_mean, running_var, eps, activation, activation_param)
+    reduction: Reduction = _LOCAL
+    if synchronized:
+        reduction = reduction_for_group(group)
+    elif sync and training:
+        _warn_once(
+            "sync",
+            "inplace_abn_sync is called but torch.distributed is not initialized: running unsynchronized "
+            "(like inplace_abn)",
+        )
+    return _apply(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        activation,
+        activation_param,
+        reduction,
+        records_grad,
+        tracing,
+    )
+
+
 def inplace_abn(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -505,38 +566,8 @@ def inplace_abn(
     Returns:
         x, holding the result.
     """
-    tracing = torch.compiler.is_compiling()
-    momentum, eps, activation_param, records_grad = _check_arguments(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        training,
-        momentum,
-        eps,
-        activation,
-        activation_param,
-        min_values_per_channel=2,
-        tracing=tracing,
-    )
-    if not training and _exporting():
-        assert running_mean is not None and running_var is not None
-        return batch_norm_act(x, weight, bias, running_mean, running_var, eps, activation, activation_param)
-    return _apply(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        training,
-        momentum,
-        eps,
-        activation,
-        activation_param,
-        _LOCAL,
-        records_grad,
-        tracing,
+    return _checked_call(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param, None, False
     )
 
 
@@ -559,47 +590,6 @@ def inplace_abn_sync(
     of `inplace_abn`, plus `group`: the torch.distributed process group, None for the default one.
     Without an initialized process group it runs unsynchronized, with a warning.
     """
-    synchronized = training and distributed.is_available() and distributed.is_initialized()
-    tracing = torch.compiler.is_compiling()
-    momentum, eps, activation_param, records_grad = _check_arguments(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        training,
-        momentum,
-        eps,
-        activation,
-        activation_param,
-        min_values_per_channel=0 if synchronized else 2,
-        tracing=tracing,
-    )
-    if not training and _exporting():
-        assert running_mean is not None and running_var is not None
-        return batch_norm_act(x, weight, bias, running_mean, running_var, eps, activation, activation_param)
-    if synchronized:
-        reduction: Reduction = reduction_for_group(group)
-    else:
-        if training:
-            _warn_once(
-                "sync",
-                "inplace_abn_sync is called but torch.distributed is not initialized: running unsynchronized "
-                "(like inplace_abn)",
-            )
-        reduction = _LOCAL
-    return _apply(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        training,
-        momentum,
-        eps,
-        activation,
-        activation_param,
-        reduction,
-        records_grad,
-        tracing,
+    return _checked_call(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, activation, activation_param, group, True
     )
