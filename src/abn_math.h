@@ -200,7 +200,12 @@ struct ActivationOps<Activation::Elu> {
     const acc floor = std::numeric_limits<acc>::epsilon();
     const acc negative_z = detail::log_positive(ratio > floor ? ratio : floor);
     z = y <= acc(0) ? negative_z : y;
-    dz = dy * (y > acc(0) ? acc(1) : y + a.p);
+    dz = gradient(y, dy, a);
+  }
+  // dz alone, from y: what the CPU input gradient needs when the reduction kept z (no second log).
+  template <typename acc>
+  static ABN_HOST_DEVICE acc gradient(acc y, acc dy, ActivationParam<acc> a) {
+    return dy * (y > acc(0) ? acc(1) : y + a.p);
   }
 };
 

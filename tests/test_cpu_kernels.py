@@ -94,6 +94,37 @@ def test_results_do_not_depend_on_thread_count(shape, memory_format):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "shape,memory_format",
+    [
+        ((4, 6, 33, 35), torch.contiguous_format),  # planes, odd size
+        ((7, 40, 5, 5), torch.contiguous_format),  # small planes reduced several samples per task
+        ((16, 64, 12, 12), torch.channels_last),  # dense channels_last: groups of four periods
+        ((3, 5, 13, 17), torch.channels_last),  # periods of 80 values, a partial last one
+        ((2, 2048, 3, 3), torch.channels_last),
+    ],
+    ids=str,
+)
+def test_fused_backward_keeps_elu_z_exactly(shape, memory_format, dtype):
+    """train_backward computes ELU's z (a log) once: the reduction leaves it in dx's memory and the input
+    gradient reads it back. Its dx must equal, bit for bit, the split operators' (which recover z again
+    from y), so every element of z was written, in every plan."""
+    ops = torch.ops.inplace_abn
+    channels = shape[1]
+    x = (torch.randn(shape, dtype=dtype) * 2 + 0.3).contiguous(memory_format=memory_format)
+    dy = torch.randn_like(x)
+    w, b = torch.rand(channels, dtype=dtype) + 0.5, torch.randn(channels, dtype=dtype)
+    mean, var = ops.statistics(x)
+    ops.normalize_act_(x, mean, var, w, b, 1e-5, "elu", 0.7, None)
+    s1, s2 = ops.backward_reduce(x, dy, w, b, 1e-5, "elu", 0.7)
+    split = ops.backward_input(x, dy, var, w, b, s1, s2, x.numel() // channels, 1e-5, "elu", 0.7)
+    fused, dweight, dbias = ops.train_backward(x, dy, var, w, b, 1e-5, "elu", 0.7)
+    assert fused.stride() == split.stride()
+    assert torch.equal(fused, split)
+    assert torch.equal(dbias, s1.to(dtype)) and torch.equal(dweight, s2.to(dtype))
+
+
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
 

@@ -642,8 +642,34 @@ void normalize_act_kernel(T* x, T* preact, const ChannelLayout& l, const acc_typ
 // ---------------------------------------------------------------------------------------------
 // Backward reduction: sum(dz) and sum(dz * (z - b)) per channel, from the kept y and dy.
 
-template <typename T, Activation act>
-void backward_reduce_flat(const T* y, const T* dy, const ChannelLayout& l, const acc_type<T>* bias,
+// Four consecutive periods of P values into the per-position sums s1, s2 (and z into pz if keep_z).
+// A function of its own: its restrict parameters survive inlining, whereas through the lambdas GCC 12
+// counted more than 10 possible aliases with pz's stores and left the loop scalar (7x slower).
+template <Activation act, bool keep_z, typename T, typename acc>
+inline void reduce_four_periods(const T* __restrict py, const T* __restrict pdy, T* __restrict pz, int64_t P,
+                                const acc* __restrict b, ActivationParam<acc> param, acc* __restrict s1,
+                                acc* __restrict s2) {
+  using Ops = ActivationOps<act>;
+  for (int64_t j = 0; j < P; ++j) {
+    acc z0, dz0, z1, dz1, z2, dz2, z3, dz3;
+    Ops::recover(to_acc(py[j]), to_acc(pdy[j]), param, z0, dz0);
+    Ops::recover(to_acc(py[j + P]), to_acc(pdy[j + P]), param, z1, dz1);
+    Ops::recover(to_acc(py[j + 2 * P]), to_acc(pdy[j + 2 * P]), param, z2, dz2);
+    Ops::recover(to_acc(py[j + 3 * P]), to_acc(pdy[j + 3 * P]), param, z3, dz3);
+    if constexpr (keep_z) {
+      pz[j] = z0;
+      pz[j + P] = z1;
+      pz[j + 2 * P] = z2;
+      pz[j + 3 * P] = z3;
+    }
+    const acc bj = b[j];
+    s1[j] += (dz0 + dz1) + (dz2 + dz3);
+    s2[j] += (dz0 * (z0 - bj) + dz1 * (z1 - bj)) + (dz2 * (z2 - bj) + dz3 * (z3 - bj));
+  }
+}
+
+template <typename T, Activation act, bool keep_z>
+void backward_reduce_flat(const T* y, const T* dy, T* z_out, const ChannelLayout& l, const acc_type<T>* bias,
                           ActivationParam<acc_type<T>> param, double* sum_dz, double* sum_dz_centered) {
   using acc = acc_type<T>;
   using Ops = ActivationOps<act>;
@@ -665,25 +691,16 @@ void backward_reduce_flat(const T* y, const T* dy, const ChannelLayout& l, const
         f.for_period_groups(
             q0, q1,
             [&](int64_t at) {
-              const T* __restrict py = y + at;
-              const T* __restrict pdy = dy + at;
-              for (int64_t j = 0; j < P; ++j) {
-                acc z0, dz0, z1, dz1, z2, dz2, z3, dz3;
-                Ops::recover(to_acc(py[j]), to_acc(pdy[j]), param, z0, dz0);
-                Ops::recover(to_acc(py[j + P]), to_acc(pdy[j + P]), param, z1, dz1);
-                Ops::recover(to_acc(py[j + 2 * P]), to_acc(pdy[j + 2 * P]), param, z2, dz2);
-                Ops::recover(to_acc(py[j + 3 * P]), to_acc(pdy[j + 3 * P]), param, z3, dz3);
-                const acc bj = b[j];
-                s1[j] += (dz0 + dz1) + (dz2 + dz3);
-                s2[j] += (dz0 * (z0 - bj) + dz1 * (z1 - bj)) + (dz2 * (z2 - bj) + dz3 * (z3 - bj));
-              }
+              reduce_four_periods<act, keep_z>(y + at, dy + at, keep_z ? z_out + at : nullptr, P, b, param, s1, s2);
             },
             [&](int64_t at, int64_t len) {
               const T* __restrict py = y + at;
               const T* __restrict pdy = dy + at;
+              T* __restrict pz = keep_z ? z_out + at : nullptr;
               for (int64_t j = 0; j < len; ++j) {
                 acc z, dz;
                 Ops::recover(to_acc(py[j]), to_acc(pdy[j]), param, z, dz);
+                if constexpr (keep_z) pz[j] = z;
                 s1[j] += dz;
                 s2[j] += dz * (z - b[j]);
               }
@@ -705,11 +722,13 @@ void backward_reduce_flat(const T* y, const T* dy, const ChannelLayout& l, const
   }
 }
 
-template <typename T, Activation act>
-void backward_reduce_kernel(const T* y, const T* dy, const ChannelLayout& l, const acc_type<T>* bias,
+// keep_z: z is also written to z_out, laid out like y, for backward_input_kernel<..., true>.
+template <typename T, Activation act, bool keep_z>
+void backward_reduce_kernel(const T* y, const T* dy, T* z_out, const ChannelLayout& l, const acc_type<T>* bias,
                             ActivationParam<acc_type<T>> param, double* sum_dz, double* sum_dz_centered) {
   using acc = acc_type<T>;
   using Ops = ActivationOps<act>;
+  static_assert(!keep_z || std::is_same_v<T, acc>, "z is kept exactly, in the accumulate type");
   for (int64_t c = 0; c < l.C; ++c) sum_dz[c] = sum_dz_centered[c] = 0;
   if (l.kind == ChannelLayout::Kind::Planes) {
     const PlaneChunks chunks(l);
@@ -724,12 +743,14 @@ void backward_reduce_kernel(const T* y, const T* dy, const ChannelLayout& l, con
         for (int64_t start = 0; start < r.n; start += kBlock) {
           const T* py = y + offset + start;
           const T* pdy = dy + offset + start;
+          T* pz = keep_z ? z_out + offset + start : nullptr;
           acc block_dz, block_centered;
           lane_sum2<kLanes>(
               Runs{std::min(kBlock, r.n - start), r.runs, r.stride},
               [&](int64_t j, acc& s1, acc& s2) {
                 acc z, dz;
                 Ops::recover(to_acc(py[j]), to_acc(pdy[j]), param, z, dz);
+                if constexpr (keep_z) pz[j] = z;
                 s1 += dz;
                 s2 += dz * (z - b);
               },
@@ -749,7 +770,7 @@ void backward_reduce_kernel(const T* y, const T* dy, const ChannelLayout& l, con
       }
     }
   } else if (is_dense_rows(l)) {
-    backward_reduce_flat<T, act>(y, dy, l, bias, param, sum_dz, sum_dz_centered);
+    backward_reduce_flat<T, act, keep_z>(y, dy, z_out, l, bias, param, sum_dz, sum_dz_centered);
   } else {
     const int64_t C = l.C;
     const RowRanges ranges(l);
@@ -767,6 +788,7 @@ void backward_reduce_kernel(const T* y, const T* dy, const ChannelLayout& l, con
             for (int64_t c = 0; c < C; ++c) {
               acc z, dz;
               Ops::recover(to_acc(y[o + c]), to_acc(dy[o + c]), param, z, dz);
+              if constexpr (keep_z) z_out[o + c] = z;
               s1[c] += dz;
               s2[c] += dz * (z - bias[c]);
             }
@@ -790,12 +812,22 @@ void backward_reduce_kernel(const T* y, const T* dy, const ChannelLayout& l, con
 // ---------------------------------------------------------------------------------------------
 // Backward input gradient: dx = dz_scale * dz + centered_scale * (z - b) + offset.
 
-template <typename T, Activation act>
+// (z, dz) of element j: z read back from dx, where the reduction kept it (z_in_dx), or recovered from y.
+template <Activation act, bool z_in_dx, typename T, typename acc>
+inline void input_z_dz(const T* y, const T* dy, const T* dx, int64_t j, ActivationParam<acc> param, acc& z, acc& dz) {
+  if constexpr (z_in_dx) {
+    z = to_acc(dx[j]);
+    dz = ActivationOps<act>::gradient(to_acc(y[j]), to_acc(dy[j]), param);
+  } else {
+    ActivationOps<act>::recover(to_acc(y[j]), to_acc(dy[j]), param, z, dz);
+  }
+}
+
+template <typename T, Activation act, bool z_in_dx>
 void backward_input_kernel(const T* y, const T* dy, T* dx, const ChannelLayout& l, const acc_type<T>* dz_scale,
                            const acc_type<T>* bias, const acc_type<T>* centered_scale, const acc_type<T>* offset,
                            ActivationParam<acc_type<T>> param) {
   using acc = acc_type<T>;
-  using Ops = ActivationOps<act>;
   if (l.kind == ChannelLayout::Kind::Planes) {
     parallel_for(l.N * l.C, kGrain / std::max<int64_t>(l.S, 1), [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
@@ -807,7 +839,7 @@ void backward_input_kernel(const T* y, const T* dy, T* dx, const ChannelLayout& 
         const InputGradCoeffs<acc> k{dz_scale[c], bias[c], centered_scale[c], offset[c]};
         for (int64_t s = 0; s < l.S; ++s) {
           acc z, dz;
-          Ops::recover(to_acc(py[s]), to_acc(pdy[s]), param, z, dz);
+          input_z_dz<act, z_in_dx>(py, pdy, pdx, s, param, z, dz);
           pdx[s] = from_acc<T>(input_grad(k, z, dz));
         }
       }
@@ -829,7 +861,7 @@ void backward_input_kernel(const T* y, const T* dy, T* dx, const ChannelLayout& 
       const acc* __restrict o = k_offset.get();
       for (int64_t j = 0; j < len; ++j) {
         acc z, dz;
-        Ops::recover(to_acc(py[j]), to_acc(pdy[j]), param, z, dz);
+        input_z_dz<act, z_in_dx>(py, pdy, pdx, j, param, z, dz);
         pdx[j] = from_acc<T>(input_grad(InputGradCoeffs<acc>{a[j], b[j], c[j], o[j]}, z, dz));
       }
     });
@@ -841,7 +873,7 @@ void backward_input_kernel(const T* y, const T* dy, T* dx, const ChannelLayout& 
         T* pdx = dx + at;
         for (int64_t c = 0; c < l.C; ++c) {
           acc z, dz;
-          Ops::recover(to_acc(py[c]), to_acc(pdy[c]), param, z, dz);
+          input_z_dz<act, z_in_dx>(py, pdy, pdx, c, param, z, dz);
           pdx[c] = from_acc<T>(input_grad(InputGradCoeffs<acc>{dz_scale[c], bias[c], centered_scale[c], offset[c]}, z, dz));
         }
       });
@@ -929,31 +961,55 @@ void normalize_act(DType dtype, void* x, void* preact, const ChannelLayout& layo
   });
 }
 
-void backward_reduce(DType dtype, const void* y, const void* dy, const ChannelLayout& layout, const void* bias,
-                     Activation activation, double activation_param_value, double* sum_dz, double* sum_dz_centered) {
+// Whether the reduction keeps z for the input gradient: for ELU, whose inverse is a log, and only where
+// T is its accumulate type (exact). Elsewhere recomputing z costs less than writing and reading it.
+template <typename T, Activation act>
+constexpr bool keeps_z = act == Activation::Elu && std::is_same_v<T, acc_type<T>>;
+
+bool backward_reduce(DType dtype, const void* y, const void* dy, void* z_out, const ChannelLayout& layout,
+                     const void* bias, Activation activation, double activation_param_value, double* sum_dz,
+                     double* sum_dz_centered) {
+  bool kept = false;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using acc = acc_type<T>;
     dispatch_activation(activation, [&](auto act) {
-      backward_reduce_kernel<T, decltype(act)::value>(static_cast<const T*>(y), static_cast<const T*>(dy), layout,
-                                                      static_cast<const acc*>(bias),
-                                                      activation_param<acc>(activation_param_value), sum_dz,
-                                                      sum_dz_centered);
+      constexpr Activation a = decltype(act)::value;
+      const auto run = [&](auto keep) {
+        backward_reduce_kernel<T, a, decltype(keep)::value>(
+            static_cast<const T*>(y), static_cast<const T*>(dy), static_cast<T*>(z_out), layout,
+            static_cast<const acc*>(bias), activation_param<acc>(activation_param_value), sum_dz, sum_dz_centered);
+      };
+      kept = keeps_z<T, a> && z_out != nullptr;
+      if (kept) {
+        run(std::bool_constant<keeps_z<T, a>>{});
+      } else {
+        run(std::false_type{});
+      }
     });
   });
+  return kept;
 }
 
-void backward_input(DType dtype, const void* y, const void* dy, void* dx, const ChannelLayout& layout,
+void backward_input(DType dtype, const void* y, const void* dy, void* dx, bool dx_holds_z, const ChannelLayout& layout,
                     const void* dz_scale, const void* bias, const void* centered_scale, const void* offset,
                     Activation activation, double activation_param_value) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using acc = acc_type<T>;
     dispatch_activation(activation, [&](auto act) {
-      backward_input_kernel<T, decltype(act)::value>(
-          static_cast<const T*>(y), static_cast<const T*>(dy), static_cast<T*>(dx), layout,
-          static_cast<const acc*>(dz_scale), static_cast<const acc*>(bias), static_cast<const acc*>(centered_scale),
-          static_cast<const acc*>(offset), activation_param<acc>(activation_param_value));
+      constexpr Activation a = decltype(act)::value;
+      const auto run = [&](auto z_in_dx) {
+        backward_input_kernel<T, a, decltype(z_in_dx)::value>(
+            static_cast<const T*>(y), static_cast<const T*>(dy), static_cast<T*>(dx), layout,
+            static_cast<const acc*>(dz_scale), static_cast<const acc*>(bias), static_cast<const acc*>(centered_scale),
+            static_cast<const acc*>(offset), activation_param<acc>(activation_param_value));
+      };
+      if (keeps_z<T, a> && dx_holds_z) {
+        run(std::bool_constant<keeps_z<T, a>>{});
+      } else {
+        run(std::false_type{});
+      }
     });
   });
 }

@@ -21,13 +21,18 @@ struct KernelTable {
   // (x - mean) * scale + bias. Centring first keeps the result exact for a mean far from 0.
   void (*normalize_act)(DType dtype, void* x, void* preact, const ChannelLayout& layout, const void* mean,
                         const void* scale, const void* bias, Activation activation, double activation_param);
-  // sum(dz) and sum(dz * (z - bias)) of each channel, in double; y and dy share a layout.
-  void (*backward_reduce)(DType dtype, const void* y, const void* dy, const ChannelLayout& layout, const void* bias,
-                          Activation activation, double activation_param, double* sum_dz, double* sum_dz_centered);
-  // dx = dz_scale * dz + centered_scale * (z - bias) + offset; y, dy and dx share a layout.
-  void (*backward_input)(DType dtype, const void* y, const void* dy, void* dx, const ChannelLayout& layout,
-                         const void* dz_scale, const void* bias, const void* centered_scale, const void* offset,
-                         Activation activation, double activation_param);
+  // sum(dz) and sum(dz * (z - bias)) of each channel, in double; y and dy share a layout. z_out (laid
+  // out like y, or null) may receive z, for an input gradient into that memory: true if it did. ELU's
+  // inverse is a log, then computed once per backward instead of twice.
+  bool (*backward_reduce)(DType dtype, const void* y, const void* dy, void* z_out, const ChannelLayout& layout,
+                          const void* bias, Activation activation, double activation_param, double* sum_dz,
+                          double* sum_dz_centered);
+  // dx = dz_scale * dz + centered_scale * (z - bias) + offset; y, dy and dx share a layout. dx_holds_z:
+  // dx holds z on entry (backward_reduce returned true for it), read back instead of recovered from y.
+  void (*backward_input)(DType dtype, const void* y, const void* dy, void* dx, bool dx_holds_z,
+                         const ChannelLayout& layout, const void* dz_scale, const void* bias,
+                         const void* centered_scale, const void* offset, Activation activation,
+                         double activation_param);
 };
 
 // Calls chunk(body, begin, end) over chunks of [0, count) of at least `grain` values, on torch's

@@ -209,22 +209,25 @@ Tensor train_forward_(const Tensor& x, const std::optional<Tensor>& weight, cons
   return var;
 }
 
-// sum(dz) and sum(dz * xhat) of each channel, in double; and the per-channel bias and scale used.
+// sum(dz) and sum(dz * xhat) of each channel, in double; the per-channel bias and scale used; whether
+// the reduction left z in the memory given for it.
 template <typename acc>
 struct Sums {
   std::vector<double> dz, dz_xhat;
   std::vector<acc> bias, scale;
+  bool z_kept = false;
 };
 
 template <typename acc>
 Sums<acc> reduce(const Tensor& y, const Tensor& dy, const OpArgs& args, const std::optional<Tensor>& weight,
-                 const std::optional<Tensor>& bias, double eps, double activation_param) {
+                 const std::optional<Tensor>& bias, double eps, double activation_param, void* z_out = nullptr) {
   const ChannelLayout& l = args.layout;
   const acc e = static_cast<acc>(eps);
   Sums<acc> sums{std::vector<double>(l.C), std::vector<double>(l.C), channel_values<acc>(bias, l.C, 0),
                  channel_values<acc>(weight, l.C, 1)};
-  kernels().backward_reduce(args.dtype, y.const_data_ptr(), dy.const_data_ptr(), l, sums.bias.data(), args.activation,
-                            activation_param, sums.dz.data(), sums.dz_xhat.data());
+  sums.z_kept = kernels().backward_reduce(args.dtype, y.const_data_ptr(), dy.const_data_ptr(), z_out, l,
+                                          sums.bias.data(), args.activation, activation_param, sums.dz.data(),
+                                          sums.dz_xhat.data());
   for (int64_t c = 0; c < l.C; ++c) {
     sums.scale[c] = affine_scale(sums.scale[c], weight.has_value(), e);
     sums.dz_xhat[c] /= static_cast<double>(sums.scale[c]);  // xhat = (z - b) / s: divide the sum once
@@ -232,14 +235,20 @@ Sums<acc> reduce(const Tensor& y, const Tensor& dy, const OpArgs& args, const st
   return sums;
 }
 
-// dx from the per-channel sums (training) or without them (sum_dz == nullptr: eval mode).
-template <typename acc>
-Tensor input_grad_with(const Tensor& y, const Tensor& dy, const OpArgs& args, const acc* v, const acc* s,
-                       const acc* b, const acc* sum_dz, const acc* sum_dz_xhat, int64_t count, double eps,
-                       double activation_param) {
-  const ChannelLayout& l = args.layout;
+// dx's memory, laid out like y (the kernels walk y, dy and dx with one layout).
+Tensor new_input_grad(const Tensor& y) {
   Tensor dx = torch::stable::empty_like(y);
   check_same_geometry(y, "y", dx, "dx");
+  return dx;
+}
+
+// dx (from new_input_grad, holding z if dx_holds_z) from the per-channel sums (training) or without
+// them (sum_dz == nullptr: eval mode).
+template <typename acc>
+void input_grad_with(const Tensor& y, const Tensor& dy, Tensor& dx, bool dx_holds_z, const OpArgs& args, const acc* v,
+                     const acc* s, const acc* b, const acc* sum_dz, const acc* sum_dz_xhat, int64_t count, double eps,
+                     double activation_param) {
+  const ChannelLayout& l = args.layout;
   const bool training = sum_dz != nullptr;
   std::vector<acc> dz_scale(l.C), centered_scale(l.C), offset(l.C);
   for (int64_t c = 0; c < l.C; ++c) {
@@ -249,10 +258,9 @@ Tensor input_grad_with(const Tensor& y, const Tensor& dy, const OpArgs& args, co
     centered_scale[c] = k.centered_scale;
     offset[c] = k.offset;
   }
-  kernels().backward_input(args.dtype, y.const_data_ptr(), dy.const_data_ptr(), dx.mutable_data_ptr(), l,
+  kernels().backward_input(args.dtype, y.const_data_ptr(), dy.const_data_ptr(), dx.mutable_data_ptr(), dx_holds_z, l,
                            dz_scale.data(), b, centered_scale.data(), offset.data(), args.activation,
                            activation_param);
-  return dx;
 }
 
 std::tuple<Tensor, Tensor> backward_reduce(const Tensor& y, const Tensor& dy, const std::optional<Tensor>& weight,
@@ -282,7 +290,7 @@ Tensor backward_input(const Tensor& y, const Tensor& dy, const Tensor& var, cons
   const OpArgs args = check_backward_input(y, dy, var, weight, bias, sum_dz, sum_dz_xhat, count, activation,
                                            activation_param, y.is_cpu());
   const int64_t C = args.layout.C;
-  Tensor dx;
+  Tensor dx = new_input_grad(y);
   with_accumulate_type(y, [&](auto tag) {
     using acc = decltype(tag);
     const acc e = static_cast<acc>(eps);
@@ -293,8 +301,8 @@ Tensor backward_input(const Tensor& y, const Tensor& dy, const Tensor& var, cons
     const auto s1 = channel_values<acc>(sum_dz, C, 0);
     const auto s2 = channel_values<acc>(sum_dz_xhat, C, 0);
     const bool training = sum_dz.has_value();
-    dx = input_grad_with<acc>(y, dy, args, v.data(), s.data(), b.data(), training ? s1.data() : nullptr, s2.data(),
-                              count, eps, activation_param);
+    input_grad_with<acc>(y, dy, dx, false, args, v.data(), s.data(), b.data(), training ? s1.data() : nullptr,
+                         s2.data(), count, eps, activation_param);
   });
   return dx;
 }
@@ -306,10 +314,11 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& y, const Tensor&
   const OpArgs args = check_backward_reduce(y, dy, weight, bias, activation, activation_param, y.is_cpu());
   const int64_t C = args.layout.C;
   check_channel_vector(var, "var", C, y);
-  Tensor dx, dweight, dbias;
+  Tensor dx = new_input_grad(y), dweight, dbias;
   with_accumulate_type(y, [&](auto tag) {
     using acc = decltype(tag);
-    const Sums<acc> sums = reduce<acc>(y, dy, args, weight, bias, eps, activation_param);
+    // dx's memory lends itself to the reduction for z where keeping z pays (ELU: no second log).
+    const Sums<acc> sums = reduce<acc>(y, dy, args, weight, bias, eps, activation_param, dx.mutable_data_ptr());
     const auto v = channel_values<acc>(var, C, 1);
     std::vector<acc> s1(C), s2(C);
     for (int64_t c = 0; c < C; ++c) {
@@ -317,8 +326,8 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& y, const Tensor&
       s2[c] = static_cast<acc>(sums.dz_xhat[c]);
     }
     const int64_t count = args.layout.N * args.layout.S;
-    dx = input_grad_with<acc>(y, dy, args, v.data(), sums.scale.data(), sums.bias.data(), s1.data(), s2.data(),
-                              count > 0 ? count : 1, eps, activation_param);
+    input_grad_with<acc>(y, dy, dx, sums.z_kept, args, v.data(), sums.scale.data(), sums.bias.data(), s1.data(),
+                         s2.data(), count > 0 ? count : 1, eps, activation_param);
     // dweight = sign(w) * sum(dz * xhat) (d|w|/dw, +1 at w = 0 as the original library), dbias = sum(dz).
     const auto w = channel_values<acc>(weight, C, 1);
     dweight = torch::stable::new_empty(y, {C}, weight.has_value() ? weight->scalar_type() : accumulate_scalar_type(y));
