@@ -642,6 +642,13 @@ void normalize_act_kernel(T* x, T* preact, const ChannelLayout& l, const acc_typ
 // ---------------------------------------------------------------------------------------------
 // Backward reduction: sum(dz) and sum(dz * (z - b)) per channel, from the kept y and dy.
 
+// (z, dz) of element j, recovered from y; z also stored to z_out[j] if keep_z (for the input gradient).
+template <Activation act, bool keep_z, typename T, typename acc>
+inline void reduce_z_dz(const T* y, const T* dy, T* z_out, int64_t j, ActivationParam<acc> param, acc& z, acc& dz) {
+  ActivationOps<act>::recover(to_acc(y[j]), to_acc(dy[j]), param, z, dz);
+  if constexpr (keep_z) z_out[j] = z;
+}
+
 // Four consecutive periods of P values into the per-position sums s1, s2 (and z into pz if keep_z).
 // A function of its own: its restrict parameters survive inlining, whereas through the lambdas GCC 12
 // counted more than 10 possible aliases with pz's stores and left the loop scalar (7x slower).
@@ -649,19 +656,12 @@ template <Activation act, bool keep_z, typename T, typename acc>
 inline void reduce_four_periods(const T* __restrict py, const T* __restrict pdy, T* __restrict pz, int64_t P,
                                 const acc* __restrict b, ActivationParam<acc> param, acc* __restrict s1,
                                 acc* __restrict s2) {
-  using Ops = ActivationOps<act>;
   for (int64_t j = 0; j < P; ++j) {
     acc z0, dz0, z1, dz1, z2, dz2, z3, dz3;
-    Ops::recover(to_acc(py[j]), to_acc(pdy[j]), param, z0, dz0);
-    Ops::recover(to_acc(py[j + P]), to_acc(pdy[j + P]), param, z1, dz1);
-    Ops::recover(to_acc(py[j + 2 * P]), to_acc(pdy[j + 2 * P]), param, z2, dz2);
-    Ops::recover(to_acc(py[j + 3 * P]), to_acc(pdy[j + 3 * P]), param, z3, dz3);
-    if constexpr (keep_z) {
-      pz[j] = z0;
-      pz[j + P] = z1;
-      pz[j + 2 * P] = z2;
-      pz[j + 3 * P] = z3;
-    }
+    reduce_z_dz<act, keep_z>(py, pdy, pz, j, param, z0, dz0);
+    reduce_z_dz<act, keep_z>(py, pdy, pz, j + P, param, z1, dz1);
+    reduce_z_dz<act, keep_z>(py, pdy, pz, j + 2 * P, param, z2, dz2);
+    reduce_z_dz<act, keep_z>(py, pdy, pz, j + 3 * P, param, z3, dz3);
     const acc bj = b[j];
     s1[j] += (dz0 + dz1) + (dz2 + dz3);
     s2[j] += (dz0 * (z0 - bj) + dz1 * (z1 - bj)) + (dz2 * (z2 - bj) + dz3 * (z3 - bj));
@@ -672,7 +672,6 @@ template <typename T, Activation act, bool keep_z>
 void backward_reduce_flat(const T* y, const T* dy, T* z_out, const ChannelLayout& l, const acc_type<T>* bias,
                           ActivationParam<acc_type<T>> param, double* sum_dz, double* sum_dz_centered) {
   using acc = acc_type<T>;
-  using Ops = ActivationOps<act>;
   const FlatPlan f(l);
   const FlatRanges ranges(f);
   const int64_t C = f.C, P = f.P;
@@ -699,8 +698,7 @@ void backward_reduce_flat(const T* y, const T* dy, T* z_out, const ChannelLayout
               T* __restrict pz = keep_z ? z_out + at : nullptr;
               for (int64_t j = 0; j < len; ++j) {
                 acc z, dz;
-                Ops::recover(to_acc(py[j]), to_acc(pdy[j]), param, z, dz);
-                if constexpr (keep_z) pz[j] = z;
+                reduce_z_dz<act, keep_z>(py, pdy, pz, j, param, z, dz);
                 s1[j] += dz;
                 s2[j] += dz * (z - b[j]);
               }
@@ -727,7 +725,6 @@ template <typename T, Activation act, bool keep_z>
 void backward_reduce_kernel(const T* y, const T* dy, T* z_out, const ChannelLayout& l, const acc_type<T>* bias,
                             ActivationParam<acc_type<T>> param, double* sum_dz, double* sum_dz_centered) {
   using acc = acc_type<T>;
-  using Ops = ActivationOps<act>;
   static_assert(!keep_z || std::is_same_v<T, acc>, "z is kept exactly, in the accumulate type");
   for (int64_t c = 0; c < l.C; ++c) sum_dz[c] = sum_dz_centered[c] = 0;
   if (l.kind == ChannelLayout::Kind::Planes) {
@@ -749,8 +746,7 @@ void backward_reduce_kernel(const T* y, const T* dy, T* z_out, const ChannelLayo
               Runs{std::min(kBlock, r.n - start), r.runs, r.stride},
               [&](int64_t j, acc& s1, acc& s2) {
                 acc z, dz;
-                Ops::recover(to_acc(py[j]), to_acc(pdy[j]), param, z, dz);
-                if constexpr (keep_z) pz[j] = z;
+                reduce_z_dz<act, keep_z>(py, pdy, pz, j, param, z, dz);
                 s1 += dz;
                 s2 += dz * (z - b);
               },
@@ -787,8 +783,7 @@ void backward_reduce_kernel(const T* y, const T* dy, T* z_out, const ChannelLayo
           for_rows(l, first, rows, [&](int64_t o) {  // y and dy share strides
             for (int64_t c = 0; c < C; ++c) {
               acc z, dz;
-              Ops::recover(to_acc(y[o + c]), to_acc(dy[o + c]), param, z, dz);
-              if constexpr (keep_z) z_out[o + c] = z;
+              reduce_z_dz<act, keep_z>(y, dy, z_out, o + c, param, z, dz);
               s1[c] += dz;
               s2[c] += dz * (z - bias[c]);
             }
@@ -966,6 +961,19 @@ void normalize_act(DType dtype, void* x, void* preact, const ChannelLayout& layo
 template <typename T, Activation act>
 constexpr bool keeps_z = act == Activation::Elu && std::is_same_v<T, acc_type<T>>;
 
+// run(std::true_type{}) where z is to be kept (wanted, and keeps_z), else run(std::false_type{}); returns which.
+template <typename T, Activation act, typename Run>
+bool with_kept_z(bool wanted, const Run& run) {
+  if constexpr (keeps_z<T, act>) {
+    if (wanted) {
+      run(std::true_type{});
+      return true;
+    }
+  }
+  run(std::false_type{});
+  return false;
+}
+
 bool backward_reduce(DType dtype, const void* y, const void* dy, void* z_out, const ChannelLayout& layout,
                      const void* bias, Activation activation, double activation_param_value, double* sum_dz,
                      double* sum_dz_centered) {
@@ -980,12 +988,7 @@ bool backward_reduce(DType dtype, const void* y, const void* dy, void* z_out, co
             static_cast<const T*>(y), static_cast<const T*>(dy), static_cast<T*>(z_out), layout,
             static_cast<const acc*>(bias), activation_param<acc>(activation_param_value), sum_dz, sum_dz_centered);
       };
-      kept = keeps_z<T, a> && z_out != nullptr;
-      if (kept) {
-        run(std::bool_constant<keeps_z<T, a>>{});
-      } else {
-        run(std::false_type{});
-      }
+      kept = with_kept_z<T, a>(z_out != nullptr, run);
     });
   });
   return kept;
@@ -1005,11 +1008,7 @@ void backward_input(DType dtype, const void* y, const void* dy, void* dx, bool d
             static_cast<const acc*>(dz_scale), static_cast<const acc*>(bias), static_cast<const acc*>(centered_scale),
             static_cast<const acc*>(offset), activation_param<acc>(activation_param_value));
       };
-      if (keeps_z<T, a> && dx_holds_z) {
-        run(std::bool_constant<keeps_z<T, a>>{});
-      } else {
-        run(std::false_type{});
-      }
+      with_kept_z<T, a>(dx_holds_z, run);
     });
   });
 }
