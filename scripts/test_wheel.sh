@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs a built wheel into a fresh virtual environment with the given torch, checks which native
 # libraries the loader chose there (scripts/wheels/check_loader.py) and runs the tests against the
-# installed package (never against the source tree); then the kernel tests again with the portable
-# baseline CPU kernels.
+# installed package (never against the source tree); then the kernel tests again with each lower CPU
+# kernel build (avx2 where the processor has AVX-512, and the portable baseline).
 # Usage: test_wheel.sh WHEEL TORCH_VERSION [EXTRA_PACKAGES...] [-- PYTEST_ARGS...]
 #   PYTHON        the interpreter of the venv (default python3; CI uses pyenv's 3.10 and 3.13 too)
 #   CHECK_LOADER  what the loader must load, ";"-separated check_loader.py arguments (default: cpu for a
 #                 CPU-only torch, else cuda<torch's CUDA major>); "none" skips the check
-#   TEST_FILES    the test files to run (default: tests, then the baseline-kernel pass); when set, only
+#   TEST_FILES    the test files to run (default: tests, then the lower-kernel passes); when set, only
 #                 those, once
 # shellcheck source=scripts/common.sh
 source "$(dirname "$0")/common.sh"
@@ -42,8 +42,13 @@ if [ -n "${TEST_FILES:-}" ]; then
 fi
 log "tests: $(basename "$wheel") with torch $TORCH_VERSION, Python $python_version (CPU kernels: $isa)"
 "$venv/bin/python" -m pytest tests "$@"
-# The tests of the CPU kernels themselves; the rest (compile, distributed, export, ...) call the same
-# operators and ran above.
-log "kernel tests with the portable baseline CPU kernels (INPLACE_ABN_CPU_ISA=baseline)"
-INPLACE_ABN_CPU_ISA=baseline "$venv/bin/python" -m pytest tests/test_correctness.py tests/test_ops.py tests/test_cpu_kernels.py \
-  tests/test_errors.py tests/test_memory.py tests/test_api.py -q "$@"
+# The tests of the CPU kernels themselves again with each lower instruction-set build this processor
+# supports (INPLACE_ABN_CPU_ISA caps the choice); the rest (compile, distributed, export, ...) call the
+# same operators and ran above.
+lower_isas=(baseline)
+[ "$isa" != avx512 ] || lower_isas=(avx2 baseline)
+for lower in "${lower_isas[@]}"; do
+  log "kernel tests with the $lower CPU kernels (INPLACE_ABN_CPU_ISA=$lower)"
+  INPLACE_ABN_CPU_ISA=$lower "$venv/bin/python" -m pytest tests/test_correctness.py tests/test_ops.py \
+    tests/test_cpu_kernels.py tests/test_adversarial.py tests/test_errors.py tests/test_memory.py tests/test_api.py -q "$@"
+done

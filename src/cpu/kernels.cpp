@@ -3,7 +3,7 @@
 // tensor once. Tensors are walked as channel planes (NCHW) or channel rows (NHWC), see types.h;
 // the per-element math lives in abn_math.h.
 //
-// Compiled once per instruction set (ABN_CPU_ISA: baseline, avx2); ops_cpu.cpp picks the best one
+// Compiled once per instruction set (ABN_CPU_ISA: baseline, avx2, avx512); ops_cpu.cpp picks the best one
 // the processor supports. The loops are written for the compiler to vectorize; all code here lives
 // in the namespace of its instruction set (types.h explains why).
 //

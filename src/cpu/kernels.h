@@ -44,9 +44,12 @@ void run_parallel(int64_t count, int64_t grain, void (*chunk)(const void* body, 
 namespace baseline {
 extern const KernelTable kernels;  // the compiler's default target (SSE2 on x86-64)
 }
-#if defined(ABN_HAVE_AVX2)
+#if defined(ABN_HAVE_X86_ISAS)
 namespace avx2 {
 extern const KernelTable kernels;  // AVX2, FMA and F16C
+}
+namespace avx512 {
+extern const KernelTable kernels;  // also AVX-512 F, CD, BW, DQ and VL, in 512-bit vectors
 }
 #endif
 
