@@ -750,7 +750,7 @@ void launch_reduction(const LaunchContext& ctx, const Op& op, const ChannelLayou
     constexpr int U = V > 1 ? 2 : (sizeof(T) < 4 ? 8 : 4);  // loads in flight per thread
     auto kernel = reduce_planes_kernel<T, V, U, Op>;
     plan.lead = V > 1 ? lead / int64_t(sizeof(T)) : 0;
-    if (V == 1) {
+    if constexpr (V == 1) {
       plan.line = l.S;
     } else if ((l.N <= 1 || l.stride_n % V == 0) && (l.C <= 1 || l.stride_c % V == 0)) {
       plan.line = ceil_div(plan.lead + l.S, V);  // every plane starts `lead` past a boundary
