@@ -6,7 +6,12 @@ its speedup over torch's BatchNorm2d + activation measured in the same process.
     pip install --no-deps --target /tmp/old_pkg <old checkout>     # the build to compare against
     python benchmarks/compare_builds.py /tmp/old_pkg - --rounds 8 --json out.json -- --threads 1 --clock cpu
 
-A build is a directory put first on sys.path (an install made with --target) or "-", the installed one.
+A build is a directory put first on sys.path (an install made with --target) or "-", the installed one;
+--before-isa / --after-isa cap its CPU kernels' instruction set (INPLACE_ABN_CPU_ISA), so that one
+install compares its own kernel builds:
+
+    python benchmarks/compare_builds.py - - --before-isa avx2 --rounds 8 -- --threads 2
+
 Arguments after "--" go to cpu_layer.py.
 """
 
@@ -25,8 +30,10 @@ HERE = Path(__file__).resolve().parent
 OURS, THEIRS = "InPlaceABN", "torch BatchNorm2d + activation"
 
 
-def run_layer(build: str, layer_args: list[str], json_path: Path) -> dict:
+def run_layer(build: str, isa: str | None, layer_args: list[str], json_path: Path) -> dict:
     env = dict(os.environ)
+    if isa:
+        env["INPLACE_ABN_CPU_ISA"] = isa
     if build != "-":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [build, env.get("PYTHONPATH")]))
     command = [sys.executable, str(HERE / "cpu_layer.py"), "--no-fallback", *layer_args, "--json", str(json_path)]
@@ -38,22 +45,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("before", help="package directory of the reference build, or - for the installed one")
     parser.add_argument("after", help="package directory of the build under test, or - for the installed one")
+    parser.add_argument("--before-isa", help="INPLACE_ABN_CPU_ISA for the reference build (avx2, baseline)")
+    parser.add_argument("--after-isa", help="INPLACE_ABN_CPU_ISA for the build under test")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--json", help="write every round's report and the summary here")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     args.layer_args = argv[split + 1 :]
-    builds = {"before": args.before, "after": args.after}
+    builds = {"before": (args.before, args.before_isa), "after": (args.after, args.after_isa)}
     reports: dict[str, list[dict]] = {name: [] for name in builds}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
-            for name, build in builds.items():
-                reports[name].append(run_layer(build, args.layer_args, Path(tmp) / "round.json"))
+            for name, (build, isa) in builds.items():
+                reports[name].append(run_layer(build, isa, args.layer_args, Path(tmp) / "round.json"))
 
     summary = []
     first = reports["before"][0]["cases"]
-    print(f"median over {args.rounds} alternating rounds; cpu_layer.py {' '.join(args.layer_args)}")
+    kernels = {name: reports[name][0]["machine"].get("cpu_kernels") for name in builds}
+    print(f"median over {args.rounds} alternating rounds; cpu_layer.py {' '.join(args.layer_args)}; kernels {kernels}")
     print(f"{'case':<40}{'before ms':>10}{'after ms':>10}{'after/before':>13}{'vs torch before':>16}{'after':>7}")
     for index, case in enumerate(first):
         label = f"{case['memory_format']} {case['dtype']} {case['activation']}"
