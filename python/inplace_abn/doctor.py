@@ -22,7 +22,6 @@ from . import __version__, _native, reference
 from .functions import inplace_abn
 
 CPU_ISA_ENV = "INPLACE_ABN_CPU_ISA"  # caps the CPU kernels' instruction set (src/cpu/ops_cpu.cpp)
-CPU_ISAS = ("avx512", "avx2", "baseline")
 
 
 def _gpus(cuda_info: dict[str, Any]) -> list[dict[str, Any]]:
@@ -88,13 +87,15 @@ def collect() -> dict[str, Any]:
         )
 
     cap = os.environ.get(CPU_ISA_ENV)
-    if cap and cap not in CPU_ISAS:
+    builds = status.build_info.get("cpu_isas", [])  # the CPU kernel builds, from the portable one up
+    if cap and builds and cap not in builds:
+        names = ", ".join(reversed(builds))
         problems.append(
             _native.Problem(
                 "warning",
                 f"{CPU_ISA_ENV}={cap!r} is not an instruction set of the CPU kernels: ignored, the best one is used",
-                f"a value other than {', '.join(CPU_ISAS)} (lowercase)",
-                f"set {CPU_ISA_ENV} to one of {', '.join(CPU_ISAS)}, or unset it",
+                f"a value other than {names} (lowercase)",
+                f"set {CPU_ISA_ENV} to one of {names}, or unset it",
             )
         )
 

@@ -1,7 +1,6 @@
 // CPU implementations of the operators of ops.cpp: argument checks, allocation and the per-channel
 // coefficients (abn_math.h) here; the element loops in kernels.cpp, compiled per instruction set,
 // of which the best one the processor supports is used (INPLACE_ABN_CPU_ISA caps it: see select_kernels).
-#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -33,9 +32,8 @@ void run_parallel(int64_t count, int64_t grain, void (*chunk)(const void* body, 
 
 namespace {
 
-// Instruction sets of the kernels, from the portable build up; INPLACE_ABN_CPU_ISA=<name> caps the choice
-// (the tests run each build the processor supports).
-enum class Isa : int { Baseline = 0, Avx2 = 1, Avx512 = 2 };
+// The kernel builds from the portable one up, as indices into select_kernels' list.
+enum Isa : int { Baseline = 0, Avx2 = 1, Avx512 = 2 };
 
 #if defined(ABN_HAVE_X86_ISAS)
 // The best instruction set that both the processor and the operating system (it must save the wider
@@ -44,38 +42,46 @@ Isa best_supported_isa() {
 #if defined(_MSC_VER)
   int info[4];
   __cpuid(info, 0);
-  if (info[0] < 7) return Isa::Baseline;
+  if (info[0] < 7) return Baseline;
   __cpuid(info, 1);
   const unsigned ecx1 = static_cast<unsigned>(info[2]);
   const bool fma = ecx1 & (1u << 12), osxsave = ecx1 & (1u << 27), avx = ecx1 & (1u << 28), f16c = ecx1 & (1u << 29);
-  if (!(fma && osxsave && avx && f16c)) return Isa::Baseline;
+  if (!(fma && osxsave && avx && f16c)) return Baseline;
   const unsigned long long xcr0 = _xgetbv(0);
-  if ((xcr0 & 0x6) != 0x6) return Isa::Baseline;  // XMM and YMM state
+  if ((xcr0 & 0x6) != 0x6) return Baseline;  // XMM and YMM state
   __cpuidex(info, 7, 0);
   const unsigned ebx7 = static_cast<unsigned>(info[1]);
-  if (!(ebx7 & (1u << 5))) return Isa::Baseline;
+  if (!(ebx7 & (1u << 5))) return Baseline;
   const unsigned avx512_bits = (1u << 16) | (1u << 17) | (1u << 28) | (1u << 30) | (1u << 31);  // F DQ CD BW VL
   const bool avx512 = (ebx7 & avx512_bits) == avx512_bits && (xcr0 & 0xe0) == 0xe0;  // opmask and ZMM state
-  return avx512 ? Isa::Avx512 : Isa::Avx2;
+  return avx512 ? Avx512 : Avx2;
 #else
   __builtin_cpu_init();  // __builtin_cpu_supports also checks that the OS saves the registers
   if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))) {
-    return Isa::Baseline;
+    return Baseline;
   }
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512cd") &&
                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
                       __builtin_cpu_supports("avx512vl");
-  return avx512 ? Isa::Avx512 : Isa::Avx2;
+  return avx512 ? Avx512 : Avx2;
 #endif
 }
 #else
 Isa best_supported_isa() {
-  return Isa::Baseline;
+  return Baseline;
 }
 #endif
 
-// The cap set by INPLACE_ABN_CPU_ISA; no cap when unset or not a known name (`doctor` reports the latter).
-Isa isa_cap() {
+// The best supported build, or a lower one named by INPLACE_ABN_CPU_ISA (a build's `isa` name; any other
+// value is ignored, and `doctor` reports it). The tests run each build the processor supports.
+const KernelTable& select_kernels() {
+  const KernelTable* builds[] = {
+      &baseline::kernels,
+#if defined(ABN_HAVE_X86_ISAS)
+      &avx2::kernels,
+      &avx512::kernels,
+#endif
+  };
 #if defined(_MSC_VER)
 #pragma warning(push)
 #pragma warning(disable : 4996)  // MSVC's "getenv may be unsafe": read once, nothing writes the environment
@@ -84,19 +90,11 @@ Isa isa_cap() {
 #if defined(_MSC_VER)
 #pragma warning(pop)
 #endif
-  if (forced == nullptr) return Isa::Avx512;
-  if (std::strcmp(forced, "baseline") == 0) return Isa::Baseline;
-  if (std::strcmp(forced, "avx2") == 0) return Isa::Avx2;
-  return Isa::Avx512;
-}
-
-const KernelTable& select_kernels() {
-  const Isa isa = std::min(best_supported_isa(), isa_cap());
-#if defined(ABN_HAVE_X86_ISAS)
-  if (isa == Isa::Avx512) return avx512::kernels;
-  if (isa == Isa::Avx2) return avx2::kernels;
-#endif
-  return baseline::kernels;
+  int level = best_supported_isa();
+  for (int i = 0; forced != nullptr && i < level; ++i) {
+    if (std::strcmp(forced, builds[i]->isa) == 0) level = i;
+  }
+  return *builds[level];
 }
 
 const KernelTable& kernels() {
