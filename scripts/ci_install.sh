@@ -62,14 +62,17 @@ assert_wheel_installed pip
 pip_in "$venv" uninstall --quiet --yes torch-inplace-abn
 
 log "uv pip install --no-index --find-links ($("$venv/bin/uv" --version))"
-"$venv/bin/uv" pip install --python "$venv/bin/python" --no-index --find-links "$links" torch-inplace-abn
+# --no-cache: uv's cache keys a find-links wheel by folder and file name, so an older wheel of the same
+# version installed from this folder before (an earlier run on this machine) would be installed again.
+"$venv/bin/uv" pip install --no-cache --python "$venv/bin/python" --no-index --find-links "$links" torch-inplace-abn
 assert_wheel_installed uv
 (cd "$WORK" && "$venv/bin/python" "$ROOT/scripts/wheels/check_loader.py" cpu)
 pip_in "$venv" uninstall --quiet --yes torch-inplace-abn
 log "pip and uv chose the wheel ($((SECONDS - started)) s)"
 
 log "pip install --no-binary torch-inplace-abn: the sdist builds the CPU library"
-pip_in "$venv" install --quiet --no-index --find-links "$links" --no-build-isolation --no-binary torch-inplace-abn \
+# --no-cache-dir: pip would otherwise keep the wheel it builds, keyed by the sdist's path, for later runs.
+pip_in "$venv" install --quiet --no-cache-dir --no-index --find-links "$links" --no-build-isolation --no-binary torch-inplace-abn \
   torch-inplace-abn
 (cd "$WORK" && "$venv/bin/python" - << 'PY'
 import json
