@@ -290,6 +290,23 @@ ABN_HOST_DEVICE acc input_grad(InputGradCoeffs<acc> k, acc z, acc dz) {
   return k.dz_scale * dz + (k.centered_scale != acc(0) ? centered : acc(0)) + k.offset;
 }
 
+// Running statistics after a training batch, in double: r + momentum * (batch - r), as torch's lerp_
+// (momentum = 1 / batches seen for a cumulative average). running_var takes the unbiased batch
+// variance, var * unbias_factor(count), count = values per channel (> 1; an empty batch updates nothing).
+ABN_HOST_DEVICE double running_update(double running, double batch, double momentum) {
+  return running + momentum * (batch - running);
+}
+
+ABN_HOST_DEVICE double unbias_factor(int64_t count) {
+  return static_cast<double>(count) / static_cast<double>(count - 1);
+}
+
+// dweight = sign(w) * S2: d|w|/dw, +1 at w = 0 (and without weight) as the original library.
+template <typename acc>
+ABN_HOST_DEVICE acc weight_grad(acc weight, acc sum_dz_xhat) {
+  return weight < acc(0) ? -sum_dz_xhat : sum_dz_xhat;
+}
+
 // Running statistics of a set of values: count, mean and M2 = sum((x - mean)^2).
 template <typename acc>
 struct Moments {

@@ -168,6 +168,45 @@ def test_operators_match_float64_oracle(lib, training, dtype, shape, layout, act
     check_against_oracle(result, x, weight, bias, running_mean, running_var, training, activation, param, dy)
 
 
+@pytest.mark.parametrize("activation,param", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_train_operators_match_float64_oracle(lib, dtype, layout, activation, param):
+    """train_forward_ / train_backward (one call each): output, variance, running statistics (momentum 0.3),
+    dx, dweight and dbias against the oracle, with and without the affine parameters, outputs poisoned;
+    opcheck on one case per dtype."""
+    for affine in (True, False):
+        x, weight, bias, running_mean, running_var, dy = random_case((4, 16, 9, 7), dtype, seed=3)
+        weight, bias = (weight, bias) if affine else (None, None)
+        expected = reference(x, weight, bias, running_mean, running_var, True, 0.3, 1e-5, activation, param, dy)
+        work = in_layout(x, layout)
+        preact = in_layout(torch.full_like(x, float("nan")), layout) if activation == "relu" else None
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        poison(torch.empty(x.size(1), dtype=acc, device="cuda"))
+        var = lib.train_forward_(work, weight, bias, running_mean, running_var, 0.3, 1e-5, activation, param, preact)
+        assert_close(work, expected.y, dtype, "output")
+        assert_close(var, x.double().transpose(0, 1).reshape(x.size(1), -1).var(1, unbiased=False), dtype, "var")
+        assert_close(running_mean, expected.running_mean, dtype, "running_mean")
+        assert_close(running_var, expected.running_var, dtype, "running_var")
+        if layout not in DENSE:
+            continue
+        kept = preact if preact is not None else work
+        dy_in = in_layout(dy, layout)
+        poison(kept, torch.empty(x.size(1), dtype=acc, device="cuda"))
+        dx, dweight, dbias = lib.train_backward(kept, dy_in, var, weight, bias, 1e-5, activation, param)
+        assert dx.stride() == kept.stride() and dx.dtype == dtype
+        assert_close(dx, expected.dx, dtype, "input gradient", factor=2)
+        if affine:
+            assert dweight.dtype == weight.dtype and dbias.dtype == bias.dtype
+            assert_close(dweight, expected.dweight, dtype, "dweight", factor=4)
+            assert_close(dbias, expected.dbias, dtype, "dbias", factor=4)
+        if affine and layout == "contiguous" and activation == "leaky_relu" and param == 0.01:
+            args = (in_layout(x, layout), weight, bias, running_mean.clone(), running_var.clone(), 0.3, 1e-5)
+            torch.library.opcheck(lib.train_forward_.default, (*args, activation, param, None))
+            backward_args = (kept, dy_in, var, weight, bias, 1e-5, activation, param)
+            torch.library.opcheck(lib.train_backward.default, backward_args)
+
+
 # (shape, channels_last): one channel and 2048 channels; values per channel from 2 to 2^22, powers of
 # two and not; tiny planes (S = 1, 3, 49) and long ones.
 STRESS = [
@@ -329,10 +368,21 @@ def test_argument_errors_match_the_cpu_kernels(lib):
         (lambda: lib.backward_reduce(x, x.double(), None, None, 1e-5, "identity", 0.0), "dy must have the dtype"),
         (lambda: lib.backward_input(x, x, var, None, None, mean, None, 20, 1e-5, "identity", 0.0), "given together"),
         (lambda: lib.statistics(x.expand(4, 3, 5).unsqueeze(0).expand(2, 4, 3, 5)), "overlapping"),
+        (
+            lambda: lib.train_forward_(x, None, None, torch.zeros(3), torch.ones(3), 0.1, 1e-5, "elu", 1.0, None),
+            "running_mean must be on the input's device",
+        ),
+        (
+            lambda: lib.train_forward_(x[:1, :, :1], None, None, None, None, 0.1, 1e-5, "elu", 1.0, None),
+            "more than one value per channel",
+        ),
+        (lambda: lib.train_backward(x, x, var[:2], None, None, 1e-5, "elu", 1.0), "var must have shape"),
     ]
+    before = x.clone()
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):
             call()
+    assert torch.equal(x, before), "a call that raised modified its input"
 
 
 @pytest.mark.parametrize("layout", ["rows", "planes"])

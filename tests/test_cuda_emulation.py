@@ -84,7 +84,14 @@ def emu():
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
         partial.replace(library)
     lib = ctypes.CDLL(str(library))
-    for name in ("emu_statistics", "emu_normalize_act", "emu_backward_reduce", "emu_backward_input"):
+    for name in (
+        "emu_statistics",
+        "emu_normalize_act",
+        "emu_backward_reduce",
+        "emu_backward_input",
+        "emu_train_forward",
+        "emu_train_backward",
+    ):
         getattr(lib, name).restype = ctypes.c_char_p
     lib.emu_set_wave.argtypes = [ctypes.c_int64]
     lib.emu_configure.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
@@ -453,3 +460,150 @@ def test_emulated_output_exact_for_a_mean_far_from_zero(emu, layout):
     expected = (x.double() - mean) / torch.sqrt(var + 1e-5)
     error = (result["y"].double() - expected).abs().max().item()
     assert error <= 1e-4, f"output error {error:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# train_forward / train_backward: the unsynchronized training step in one call each (what the CUDA
+# operators train_forward_ / train_backward launch), against the oracle, outputs poisoned.
+
+
+def run_emulated_train(emu, x, weight, bias, running_mean, running_var, momentum, activation, param, dy, layout):
+    """train_forward then train_backward (dense layouts) on copies; returns y, var, the updated running
+    statistics, dx, dweight and dbias (those last two in the parameters' dtypes, else the accumulate type)."""
+    code, act = DTYPE_CODES[x.dtype], ACTIVATION_CODES[activation]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = x.size(1)
+    work = in_layout(x, layout)
+    running_mean = None if running_mean is None else running_mean.clone()
+    running_var = None if running_var is None else running_var.clone()
+    var = torch.full((c,), float("nan"), dtype=acc)
+    preact = in_layout(torch.full_like(x, float("nan")), layout) if activation == "relu" else None
+    check(
+        emu.emu_train_forward(
+            code,
+            ctypes.c_void_p(work.data_ptr()),
+            ctypes.c_void_p(None if preact is None else preact.data_ptr()),
+            ctypes.byref(channel_layout(work)),
+            ctypes.byref(vector(weight)),
+            ctypes.byref(vector(bias)),
+            ctypes.byref(vector(running_mean)),  # ChannelOutput has ChannelVector's layout
+            ctypes.byref(vector(running_var)),
+            ctypes.c_double(momentum),
+            ctypes.c_double(1e-5),
+            act,
+            ctypes.c_double(param),
+            ctypes.c_void_p(var.data_ptr()),
+        )
+    )
+    result = {"y": work, "var": var, "running_mean": running_mean, "running_var": running_var}
+    if layout not in DENSE:
+        return result
+    kept = preact if preact is not None else work
+    dy_in = in_layout(dy, layout)
+    dx = in_layout(torch.full_like(x, float("nan")), layout)
+    dweight = torch.full((c,), float("nan"), dtype=acc if weight is None else weight.dtype)
+    dbias = torch.full((c,), float("nan"), dtype=acc if bias is None else bias.dtype)
+    check(
+        emu.emu_train_backward(
+            code,
+            ctypes.c_void_p(kept.data_ptr()),
+            ctypes.c_void_p(dy_in.data_ptr()),
+            ctypes.c_void_p(dx.data_ptr()),
+            ctypes.byref(channel_layout(kept)),
+            ctypes.byref(vector(var)),
+            ctypes.byref(vector(weight)),
+            ctypes.byref(vector(bias)),
+            ctypes.c_double(1e-5),
+            act,
+            ctypes.c_double(param),
+            ctypes.byref(vector(dweight)),
+            ctypes.byref(vector(dbias)),
+        )
+    )
+    result.update(dx=dx, dweight=dweight, dbias=dbias)
+    return result
+
+
+def check_train_against_oracle(result, x, weight, bias, running_mean, running_var, momentum, activation, param, dy):
+    dtype = x.dtype
+    expected = reference(x, weight, bias, running_mean, running_var, True, momentum, 1e-5, activation, param, dy)
+    x64 = x.double().transpose(0, 1).reshape(x.size(1), -1)
+    assert_close(result["y"], expected.y, dtype, "output")
+    assert_close(result["var"], x64.var(1, unbiased=False), dtype, "var")
+    if running_mean is not None:
+        assert result["running_mean"].dtype == running_mean.dtype and result["running_var"].dtype == running_var.dtype
+        coarser = max(dtype, running_mean.dtype, key=_coarseness)  # the values are rounded to both
+        assert_close(result["running_mean"], expected.running_mean, coarser, "running_mean")
+        assert_close(result["running_var"], expected.running_var, coarser, "running_var")
+    if "dx" in result:
+        assert_close(result["dx"], expected.dx, dtype, "input gradient", factor=2)
+        # Without weight / bias the outputs are the sums themselves: the oracle's gradients of ones / zeros.
+        full = reference(
+            x,
+            weight if weight is not None else torch.ones(x.size(1), dtype=torch.float64),
+            bias if bias is not None else torch.zeros(x.size(1), dtype=torch.float64),
+            running_mean,
+            running_var,
+            True,
+            momentum,
+            1e-5,
+            activation,
+            param,
+            dy,
+        )
+        for name in ("dweight", "dbias"):
+            coarser = max(dtype, result[name].dtype, key=_coarseness)
+            assert_close(result[name], getattr(full, name), coarser, name, factor=4)
+
+
+def _coarseness(dtype: torch.dtype) -> float:
+    return {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}[dtype]
+
+
+@pytest.mark.parametrize("activation,param", ACTIVATIONS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+def test_emulated_train_step_matches_oracle(emu, dtype, layout, activation, param):
+    """The fused training step: output, variance, running statistics (momentum 0.3), dx, dweight, dbias."""
+    setup(emu, 8, seed=hash((str(dtype), layout, activation, "train")) % 1000)
+    x, weight, bias, running_mean, running_var, dy = random_case((3, 5, 6, 7), dtype, seed=4)
+    result = run_emulated_train(emu, x, weight, bias, running_mean, running_var, 0.3, activation, param, dy, layout)
+    check_train_against_oracle(result, x, weight, bias, running_mean, running_var, 0.3, activation, param, dy)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_emulated_train_step_parameter_dtypes(emu, x_dtype, param_dtype):
+    """Parameters and running statistics in another dtype than x: each output in its own tensor's dtype."""
+    setup(emu, 8)
+    x, weight, bias, running_mean, running_var, dy = random_case((4, 6, 5, 8), x_dtype, param_dtype=param_dtype)
+    for layout in ("contiguous", "channels_last"):
+        result = run_emulated_train(emu, x, weight, bias, running_mean, running_var, 1 / 3, "elu", 1.0, dy, layout)
+        assert result["dweight"].dtype == param_dtype and result["dbias"].dtype == param_dtype
+        check_train_against_oracle(result, x, weight, bias, running_mean, running_var, 1 / 3, "elu", 1.0, dy)
+
+
+@pytest.mark.parametrize("shape,wave", SPLITS[:6] + REAL_WAVES[:1], ids=str)
+def test_emulated_train_step_work_split(emu, shape, wave):
+    """No weight, bias or running statistics; shapes and waves that split the reductions over many blocks."""
+    setup(emu, wave)
+    x, _, _, _, _, dy = random_case(shape, torch.float32, seed=6)
+    for layout in ("contiguous", "channels_last"):
+        result = run_emulated_train(emu, x, None, None, None, None, 0.1, "leaky_relu", 0.05, dy, layout)
+        assert result["dweight"].dtype == torch.float32
+        check_train_against_oracle(result, x, None, None, None, None, 0.1, "leaky_relu", 0.05, dy)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0)], ids=str)
+def test_emulated_train_step_of_an_empty_batch(emu, shape):
+    """No values: the running statistics stay as they are (torch's batch_norm), the variance is NaN, and
+    the parameters' gradients are zero."""
+    setup(emu, 8)
+    x = torch.empty(shape)
+    running_mean, running_var = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.5, 0.25, 3.0])
+    result = run_emulated_train(
+        emu, x, torch.ones(3), torch.zeros(3), running_mean, running_var, 0.1, "leaky_relu", 0.1, x, "contiguous"
+    )
+    assert torch.equal(result["running_mean"], running_mean) and torch.equal(result["running_var"], running_var)
+    assert result["var"].isnan().all()
+    assert torch.equal(result["dweight"], torch.zeros(3)) and torch.equal(result["dbias"], torch.zeros(3))

@@ -288,12 +288,7 @@ def _forward(
     count = x.numel() // x.size(1)
     native = native_activation(activation, activation_param)
     preact = torch.empty_like(work) if native == "relu" and keep_preact else None
-    if (
-        training
-        and isinstance(reduction, LocalReduction)
-        and not torch.compiler.is_compiling()
-        and ops.has_train_ops(work)
-    ):
+    if training and isinstance(reduction, LocalReduction) and not torch.compiler.is_compiling():
         # The lean path: statistics, running statistics and normalization in one operator call.
         var = ops.train_forward_(
             work, weight, bias, running_mean, running_var, momentum, eps, native, activation_param, preact
@@ -353,7 +348,7 @@ class _InPlaceABN(torch.autograd.Function):
         elif dy.stride() != kept.stride() and not _same_strides(dy, kept):
             dy = torch.empty_like(kept).copy_(dy)
         param = ctx.activation_param if ctx.activation != "relu" else 0.0
-        if ctx.training and ctx.count is None and need_x and not compiling and ops.has_train_ops(kept):
+        if ctx.training and ctx.count is None and need_x and not compiling:
             # The lean path (unsynchronized training): both reductions and dx in one operator call.
             dx, dweight, dbias = ops.train_backward(kept, dy, var, weight, bias, ctx.eps, ctx.activation, param)
             return (

@@ -53,12 +53,6 @@ def _impl(t: torch.Tensor) -> types.SimpleNamespace | types.ModuleType:
     return _NATIVE_OPS if _NATIVE_OPS is not None and uses_native(t.device) else reference
 
 
-def has_train_ops(t: torch.Tensor) -> bool:
-    """Whether train_forward_ / train_backward run in one call on `t`'s device: the native CPU operators, or the
-    reference. The CUDA library has the split operators only (the training step composes them)."""
-    return t.is_cpu or not uses_native(t.device)
-
-
 def _register_fake(name: str):
     """Registers a fake (meta) kernel for torch.compile, when the native operator exists."""
 

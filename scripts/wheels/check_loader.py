@@ -41,8 +41,8 @@ def mapped_libraries() -> list[str]:
 def check(expect: str, status, torch) -> str:
     from inplace_abn import _native
 
-    def has_kernel(key: str) -> bool:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("inplace_abn::statistics", key)
+    def has_kernel(key: str, operator: str = "statistics") -> bool:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"inplace_abn::{operator}", key)
 
     cpu = status.libraries["cpu"]
     assert cpu.loaded, f"the CPU library did not load: {cpu.problem}"
@@ -72,6 +72,10 @@ def check(expect: str, status, torch) -> str:
     assert cuda.name == expect, f"loaded {cuda.name}, expected {expect}"
     assert Path(cuda.path).name == _native.library_filename(expect), cuda.path
     assert has_kernel("CUDA"), "the CUDA library loaded but registered no CUDA kernel"
+    # The CUDA library implements every device operator of the CPU library (no GPU needed to check).
+    operators = ("normalize_act_", "backward_reduce", "backward_input", "train_forward_", "train_backward")
+    missing = [name for name in operators if not has_kernel("CUDA", name)]
+    assert not missing, f"no CUDA kernel registered for {missing}"
     assert status.problems() == [], status.problems()
     if mapped:
         assert mapped == sorted([f"inplace_abn_cpu{suffix}", f"inplace_abn_{expect}{suffix}"]), mapped

@@ -228,10 +228,11 @@ Tensor train_forward_(const Tensor& x, const std::optional<Tensor>& weight, cons
     kernels().statistics(args.dtype, x.const_data_ptr(), l, mean.data(), v);
     const int64_t count = l.N * l.S;
     if (running_mean.has_value() && running_var.has_value() && count > 0) {
-      // r + momentum * (b - r), as torch's lerp_; the variance unbiased with the count.
-      const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
-      update_channel_values(*running_mean, l.C, [&](int64_t c, double& r) { r += momentum * (mean[c] - r); });
-      update_channel_values(*running_var, l.C, [&](int64_t c, double& r) { r += momentum * (v[c] * unbias - r); });
+      const double unbias = unbias_factor(count);
+      update_channel_values(*running_mean, l.C,
+                            [&](int64_t c, double& r) { r = running_update(r, mean[c], momentum); });
+      update_channel_values(*running_var, l.C,
+                            [&](int64_t c, double& r) { r = running_update(r, v[c] * unbias, momentum); });
     }
     normalize_with<acc>(x, args, mean.data(), v, weight, bias, eps, activation_param, preact);
   });
@@ -357,10 +358,10 @@ std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& y, const Tensor&
     const int64_t count = args.layout.N * args.layout.S;
     input_grad_with<acc>(y, dy, dx, sums.z_kept, args, v.data(), sums.scale.data(), sums.bias.data(), s1.data(),
                          s2.data(), count > 0 ? count : 1, eps, activation_param);
-    // dweight = sign(w) * sum(dz * xhat) (d|w|/dw, +1 at w = 0 as the original library), dbias = sum(dz).
+    // dweight = sign(w) * sum(dz * xhat), dbias = sum(dz).
     const auto w = channel_values<acc>(weight, C, 1);
     dweight = torch::stable::new_empty(y, {C}, weight.has_value() ? weight->scalar_type() : accumulate_scalar_type(y));
-    update_channel_values(dweight, C, [&](int64_t c, double& out) { out = w[c] < acc(0) ? -sums.dz_xhat[c] : sums.dz_xhat[c]; });
+    update_channel_values(dweight, C, [&](int64_t c, double& out) { out = weight_grad<double>(w[c], sums.dz_xhat[c]); });
     dbias = torch::stable::new_empty(y, {C}, bias.has_value() ? bias->scalar_type() : accumulate_scalar_type(y));
     update_channel_values(dbias, C, [&](int64_t c, double& out) { out = sums.dz[c]; });
   });

@@ -84,17 +84,45 @@ struct InputGradOp {
   }
 };
 
+// The parameters' gradients to write from the sums (train_backward; data == nullptr: not wanted).
+struct ParamGrads {
+  ChannelOutput dweight, dbias;
+};
+
+// One thread per channel: the coefficients of InputGradOp, and dweight / dbias.
 template <typename acc>
 __global__ void __launch_bounds__(kThreads)
     input_grad_coeffs_kernel(int64_t channels, ChannelVector var, ChannelVector weight, ChannelVector bias,
-                             ChannelVector sum_dz, ChannelVector sum_dz_xhat, acc count, acc eps,
+                             ChannelVector sum_dz, ChannelVector sum_dz_xhat, acc count, acc eps, ParamGrads grads,
                              InputGradCoeffs<acc>* out) {
   const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= channels) return;
-  const acc s = affine_scale(channel_value(weight, c, acc(1)), weight.data != nullptr, eps);
-  out[c] = input_grad_coeffs(channel_value(var, c, acc(1)), s, channel_value(bias, c, acc(0)), eps,
-                             sum_dz.data != nullptr, channel_value(sum_dz, c, acc(0)),
-                             channel_value(sum_dz_xhat, c, acc(0)), count);
+  const acc w = channel_value(weight, c, acc(1));
+  const acc s1 = channel_value(sum_dz, c, acc(0)), s2 = channel_value(sum_dz_xhat, c, acc(0));
+  out[c] = input_grad_coeffs(channel_value(var, c, acc(1)), affine_scale(w, weight.data != nullptr, eps),
+                             channel_value(bias, c, acc(0)), eps, sum_dz.data != nullptr, s1, s2, count);
+  if (grads.dweight.data != nullptr) set_channel_value(grads.dweight, c, double(weight_grad(w, s2)));
+  if (grads.dbias.data != nullptr) set_channel_value(grads.dbias, c, double(s1));
+}
+
+void input_grad_with(const LaunchContext& ctx, DType dtype, const void* y, const void* dy, void* dx,
+                     const ChannelLayout& layout, ChannelVector var, ChannelVector weight, ChannelVector bias,
+                     ChannelVector sum_dz, ChannelVector sum_dz_xhat, int64_t count, double eps, Activation activation,
+                     double activation_param_value, const ParamGrads& grads) {
+  if (layout.C == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using acc = acc_type<T>;
+    auto* coeffs = static_cast<InputGradCoeffs<acc>*>(ctx.workspace(int64_t(sizeof(InputGradCoeffs<acc>)) * layout.C));
+    launch(input_grad_coeffs_kernel<acc>, dim3(unsigned(ceil_div(layout.C, kThreads))), dim3(kThreads), ctx, layout.C,
+           var, weight, bias, sum_dz, sum_dz_xhat, static_cast<acc>(count), static_cast<acc>(eps), grads, coeffs);
+    double p = activation_param_value;
+    dispatch_activation(activation, p, [&](auto act) {
+      const InputGradOp<T, decltype(act)::value> op{static_cast<const T*>(y), static_cast<const T*>(dy),
+                                                    static_cast<T*>(dx), coeffs, activation_param<acc>(p)};
+      launch_elementwise<T>(ctx, op, layout, {y, dy, dx});
+    });
+  });
 }
 
 }  // namespace
@@ -124,19 +152,25 @@ void backward_input(const LaunchContext& ctx, DType dtype, const void* y, const 
                     const ChannelLayout& layout, ChannelVector var, ChannelVector weight, ChannelVector bias,
                     ChannelVector sum_dz, ChannelVector sum_dz_xhat, int64_t count, double eps,
                     Activation activation, double activation_param_value) {
+  input_grad_with(ctx, dtype, y, dy, dx, layout, var, weight, bias, sum_dz, sum_dz_xhat, count, eps, activation,
+                  activation_param_value, ParamGrads{});
+}
+
+void train_backward(const LaunchContext& ctx, DType dtype, const void* y, const void* dy, void* dx,
+                    const ChannelLayout& layout, ChannelVector var, ChannelVector weight, ChannelVector bias,
+                    double eps, Activation activation, double activation_param_value, ChannelOutput dweight,
+                    ChannelOutput dbias) {
   if (layout.C == 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using acc = acc_type<T>;
-    auto* coeffs = static_cast<InputGradCoeffs<acc>*>(ctx.workspace(int64_t(sizeof(InputGradCoeffs<acc>)) * layout.C));
-    launch(input_grad_coeffs_kernel<acc>, dim3(unsigned(ceil_div(layout.C, kThreads))), dim3(kThreads), ctx, layout.C,
-           var, weight, bias, sum_dz, sum_dz_xhat, static_cast<acc>(count), static_cast<acc>(eps), coeffs);
-    double p = activation_param_value;
-    dispatch_activation(activation, p, [&](auto act) {
-      const InputGradOp<T, decltype(act)::value> op{static_cast<const T*>(y), static_cast<const T*>(dy),
-                                                    static_cast<T*>(dx), coeffs, activation_param<acc>(p)};
-      launch_elementwise<T>(ctx, op, layout, {y, dy, dx});
-    });
+    using acc = acc_type<decltype(tag)>;
+    auto* sums = static_cast<acc*>(ctx.workspace(2 * int64_t(sizeof(acc)) * layout.C));
+    backward_reduce(ctx, dtype, y, dy, layout, weight, bias, eps, activation, activation_param_value, sums,
+                    sums + layout.C);
+    const int64_t count = layout.N * layout.S;
+    const DType acc_dtype = accumulate_dtype<acc>();
+    input_grad_with(ctx, dtype, y, dy, dx, layout, var, weight, bias, {sums, 1, acc_dtype},
+                    {sums + layout.C, 1, acc_dtype}, count > 0 ? count : 1, eps, activation, activation_param_value,
+                    ParamGrads{dweight, dbias});
   });
 }
 

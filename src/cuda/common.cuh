@@ -139,6 +139,31 @@ __device__ __forceinline__ acc channel_value(const ChannelVector& v, int64_t c, 
   }
 }
 
+// Writes element c of a per-channel output of any float dtype; the 16-bit types round from float,
+// as the CPU operators do.
+__device__ __forceinline__ void set_channel_value(const ChannelOutput& v, int64_t c, double value) {
+  const int64_t i = c * v.stride;
+  switch (v.dtype) {
+    case DType::Float32:
+      static_cast<float*>(v.data)[i] = static_cast<float>(value);
+      break;
+    case DType::Float64:
+      static_cast<double*>(v.data)[i] = value;
+      break;
+    case DType::Float16:
+      static_cast<__half*>(v.data)[i] = __float2half_rn(static_cast<float>(value));
+      break;
+    default:
+      static_cast<__nv_bfloat16*>(v.data)[i] = __float2bfloat16_rn(static_cast<float>(value));
+  }
+}
+
+// The accumulate type's DType (per-channel vectors the kernels write for themselves).
+template <typename acc>
+constexpr DType accumulate_dtype() {
+  return std::is_same_v<acc, double> ? DType::Float64 : DType::Float32;
+}
+
 template <typename acc>
 ActivationParam<acc> activation_param(double p) {
   return {static_cast<acc>(p), p > 0.0 ? static_cast<acc>(1.0 / p) : acc(0)};

@@ -87,16 +87,48 @@ struct NormalizeOp {
   }
 };
 
+// Running statistics to update from the batch's (mean, var) (train_forward; mean.data == nullptr: none).
+struct RunningUpdate {
+  ChannelOutput mean, var;
+  double momentum, unbias;
+};
+
+// One thread per channel: the coefficients of NormalizeOp, and the running statistics' update.
 template <typename acc>
-__global__ void __launch_bounds__(kThreads) normalize_coeffs_kernel(int64_t channels, ChannelVector mean,
-                                                                   ChannelVector var, ChannelVector weight,
-                                                                   ChannelVector bias, acc eps,
-                                                                   NormalizeCoeffs<acc>* out) {
+__global__ void __launch_bounds__(kThreads)
+    normalize_coeffs_kernel(int64_t channels, ChannelVector mean, ChannelVector var, ChannelVector weight,
+                            ChannelVector bias, acc eps, RunningUpdate running, NormalizeCoeffs<acc>* out) {
   const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= channels) return;
+  const acc m = channel_value(mean, c, acc(0)), v = channel_value(var, c, acc(1));
   const acc s = affine_scale(channel_value(weight, c, acc(1)), weight.data != nullptr, eps);
-  out[c] = normalize_coeffs(channel_value(mean, c, acc(0)), channel_value(var, c, acc(1)), s,
-                            channel_value(bias, c, acc(0)), eps);
+  out[c] = normalize_coeffs(m, v, s, channel_value(bias, c, acc(0)), eps);
+  if (running.mean.data != nullptr) {
+    const ChannelVector old_mean{running.mean.data, running.mean.stride, running.mean.dtype};
+    const ChannelVector old_var{running.var.data, running.var.stride, running.var.dtype};
+    set_channel_value(running.mean, c, running_update(channel_value(old_mean, c, 0.0), double(m), running.momentum));
+    set_channel_value(running.var, c,
+                      running_update(channel_value(old_var, c, 0.0), double(v) * running.unbias, running.momentum));
+  }
+}
+
+void normalize_with(const LaunchContext& ctx, DType dtype, void* x, void* preact, const ChannelLayout& layout,
+                    ChannelVector mean, ChannelVector var, ChannelVector weight, ChannelVector bias, double eps,
+                    Activation activation, double activation_param_value, const RunningUpdate& running) {
+  if (layout.C == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using acc = acc_type<T>;
+    auto* coeffs = static_cast<NormalizeCoeffs<acc>*>(ctx.workspace(int64_t(sizeof(NormalizeCoeffs<acc>)) * layout.C));
+    launch(normalize_coeffs_kernel<acc>, dim3(unsigned(ceil_div(layout.C, kThreads))), dim3(kThreads), ctx, layout.C,
+           mean, var, weight, bias, static_cast<acc>(eps), running, coeffs);
+    double p = activation_param_value;
+    dispatch_activation(activation, p, [&](auto act) {
+      const NormalizeOp<T, decltype(act)::value> op{static_cast<T*>(x), static_cast<T*>(preact), coeffs,
+                                                   activation_param<acc>(p)};
+      launch_elementwise<T>(ctx, op, layout, {x, preact});
+    });
+  });
 }
 
 }  // namespace
@@ -114,19 +146,26 @@ void statistics(const LaunchContext& ctx, DType dtype, const void* x, const Chan
 void normalize_act(const LaunchContext& ctx, DType dtype, void* x, void* preact, const ChannelLayout& layout,
                    ChannelVector mean, ChannelVector var, ChannelVector weight, ChannelVector bias, double eps,
                    Activation activation, double activation_param_value) {
+  normalize_with(ctx, dtype, x, preact, layout, mean, var, weight, bias, eps, activation, activation_param_value,
+                 RunningUpdate{});
+}
+
+void train_forward(const LaunchContext& ctx, DType dtype, void* x, void* preact, const ChannelLayout& layout,
+                   ChannelVector weight, ChannelVector bias, ChannelOutput running_mean, ChannelOutput running_var,
+                   double momentum, double eps, Activation activation, double activation_param_value, void* var) {
   if (layout.C == 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using acc = acc_type<T>;
-    auto* coeffs = static_cast<NormalizeCoeffs<acc>*>(ctx.workspace(int64_t(sizeof(NormalizeCoeffs<acc>)) * layout.C));
-    launch(normalize_coeffs_kernel<acc>, dim3(unsigned(ceil_div(layout.C, kThreads))), dim3(kThreads), ctx, layout.C,
-           mean, var, weight, bias, static_cast<acc>(eps), coeffs);
-    double p = activation_param_value;
-    dispatch_activation(activation, p, [&](auto act) {
-      const NormalizeOp<T, decltype(act)::value> op{static_cast<T*>(x), static_cast<T*>(preact), coeffs,
-                                                   activation_param<acc>(p)};
-      launch_elementwise<T>(ctx, op, layout, {x, preact});
-    });
+    using acc = acc_type<decltype(tag)>;
+    void* mean = ctx.workspace(int64_t(sizeof(acc)) * layout.C);
+    statistics(ctx, dtype, x, layout, mean, var);
+    const int64_t count = layout.N * layout.S;
+    RunningUpdate running{};
+    if (running_mean.data != nullptr && running_var.data != nullptr && count > 0) {
+      running = {running_mean, running_var, momentum, unbias_factor(count)};
+    }
+    const DType acc_dtype = accumulate_dtype<acc>();
+    normalize_with(ctx, dtype, x, preact, layout, {mean, 1, acc_dtype}, {var, 1, acc_dtype}, weight, bias, eps,
+                   activation, activation_param_value, running);
   });
 }
 

@@ -18,6 +18,13 @@ struct ChannelVector {
   DType dtype = DType::Float32;
 };
 
+// A per-channel vector of any float dtype that a kernel writes (data == nullptr: none to write).
+struct ChannelOutput {
+  void* data = nullptr;
+  int64_t stride = 0;
+  DType dtype = DType::Float32;
+};
+
 // Where and how to launch: the device (current when called), torch's current stream on it
 // (a cudaStream_t), and device memory for partial results, valid until the call returns (torch's
 // caching allocator orders its reuse on the stream).
@@ -51,5 +58,20 @@ void backward_input(const LaunchContext& ctx, DType dtype, const void* y, const 
                     const ChannelLayout& layout, ChannelVector var, ChannelVector weight, ChannelVector bias,
                     ChannelVector sum_dz, ChannelVector sum_dz_xhat, int64_t count, double eps,
                     Activation activation, double activation_param);
+
+// The unsynchronized training step in one call each (the host composes nothing):
+// train_forward: statistics (var receives the biased variance), running statistics updated with
+// momentum and the unbiased variance (abn_math.h's running_update; not for an empty batch), then
+// normalize_act in place.
+void train_forward(const LaunchContext& ctx, DType dtype, void* x, void* preact, const ChannelLayout& layout,
+                   ChannelVector weight, ChannelVector bias, ChannelOutput running_mean, ChannelOutput running_var,
+                   double momentum, double eps, Activation activation, double activation_param, void* var);
+
+// train_backward: both reductions, the input gradient dx (laid out like y), dweight = sign(w) * S2
+// and dbias = S1 (either output may be absent).
+void train_backward(const LaunchContext& ctx, DType dtype, const void* y, const void* dy, void* dx,
+                    const ChannelLayout& layout, ChannelVector var, ChannelVector weight, ChannelVector bias,
+                    double eps, Activation activation, double activation_param, ChannelOutput dweight,
+                    ChannelOutput dbias);
 
 }  // namespace inplace_abn::cuda

@@ -58,6 +58,11 @@ ChannelVector channel_vector(const Tensor& t) {
   return channel_vector(std::optional<Tensor>(t));
 }
 
+cuda::ChannelOutput channel_output(const std::optional<Tensor>& t) {
+  if (!t.has_value()) return {};
+  return {t->mutable_data_ptr(), t->stride(0), dtype_of(*t, "per-channel vector")};
+}
+
 std::tuple<Tensor, Tensor> statistics(const Tensor& x) {
   const auto [dtype, l, act] = check_statistics(x, x.is_cuda());
   Tensor mean = torch::stable::new_empty(x, {l.C}, accumulate_scalar_type(x));
@@ -107,6 +112,41 @@ Tensor backward_input(const Tensor& y, const Tensor& dy, const Tensor& var, cons
   return dx;
 }
 
+Tensor train_forward_(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                      const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                      double momentum, double eps, const std::string& activation, double activation_param,
+                      const std::optional<Tensor>& preact) {
+  const auto [dtype, l, act] = check_train_forward(x, weight, bias, running_mean, running_var, momentum, eps,
+                                                   activation, activation_param, preact, x.is_cuda());
+  Tensor var = torch::stable::new_empty(x, {l.C}, accumulate_scalar_type(x));
+  Launch launch(x);
+  cuda::train_forward(launch.context(), dtype, x.mutable_data_ptr(),
+                      preact.has_value() ? preact->mutable_data_ptr() : nullptr, l, channel_vector(weight),
+                      channel_vector(bias), channel_output(running_mean), channel_output(running_var), momentum, eps,
+                      act, activation_param, var.mutable_data_ptr());
+  return var;
+}
+
+std::tuple<Tensor, Tensor, Tensor> train_backward(const Tensor& y, const Tensor& dy, const Tensor& var,
+                                                  const std::optional<Tensor>& weight,
+                                                  const std::optional<Tensor>& bias, double eps,
+                                                  const std::string& activation, double activation_param) {
+  const auto [dtype, l, act] =
+      check_backward_reduce(y, dy, weight, bias, activation, activation_param, y.is_cuda());
+  check_channel_vector(var, "var", l.C, y);
+  Tensor dx = torch::stable::empty_like(y);
+  check_same_geometry(y, "y", dx, "dx");
+  // As the CPU operator: dweight / dbias in the parameters' dtypes (the accumulate type without them).
+  Tensor dweight =
+      torch::stable::new_empty(y, {l.C}, weight.has_value() ? weight->scalar_type() : accumulate_scalar_type(y));
+  Tensor dbias = torch::stable::new_empty(y, {l.C}, bias.has_value() ? bias->scalar_type() : accumulate_scalar_type(y));
+  Launch launch(y);
+  cuda::train_backward(launch.context(), dtype, y.const_data_ptr(), dy.const_data_ptr(), dx.mutable_data_ptr(), l,
+                       channel_vector(var), channel_vector(weight), channel_vector(bias), eps, act, activation_param,
+                       channel_output(dweight), channel_output(dbias));
+  return {dx, dweight, dbias};
+}
+
 }  // namespace
 }  // namespace inplace_abn::cuda_ops
 
@@ -115,4 +155,6 @@ STABLE_TORCH_LIBRARY_IMPL(inplace_abn, CUDA, m) {
   m.impl("normalize_act_", TORCH_BOX(&inplace_abn::cuda_ops::normalize_act_));
   m.impl("backward_reduce", TORCH_BOX(&inplace_abn::cuda_ops::backward_reduce));
   m.impl("backward_input", TORCH_BOX(&inplace_abn::cuda_ops::backward_input));
+  m.impl("train_forward_", TORCH_BOX(&inplace_abn::cuda_ops::train_forward_));
+  m.impl("train_backward", TORCH_BOX(&inplace_abn::cuda_ops::train_backward));
 }

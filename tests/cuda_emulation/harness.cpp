@@ -11,6 +11,7 @@
 using inplace_abn::Activation;
 using inplace_abn::ChannelLayout;
 using inplace_abn::DType;
+using inplace_abn::cuda::ChannelOutput;
 using inplace_abn::cuda::ChannelVector;
 using inplace_abn::cuda::LaunchContext;
 
@@ -79,6 +80,26 @@ const char* emu_backward_input(int dtype, const void* y, const void* dy, void* d
   return guarded([&](const LaunchContext& ctx) {
     inplace_abn::cuda::backward_input(ctx, DType(dtype), y, dy, dx, *layout, *var, *weight, *bias, *sum_dz,
                                       *sum_dz_xhat, count, eps, Activation(activation), param);
+  });
+}
+
+const char* emu_train_forward(int dtype, void* x, void* preact, const ChannelLayout* layout, const ChannelVector* weight,
+                              const ChannelVector* bias, const ChannelOutput* running_mean,
+                              const ChannelOutput* running_var, double momentum, double eps, int activation,
+                              double param, void* var) {
+  return guarded([&](const LaunchContext& ctx) {
+    inplace_abn::cuda::train_forward(ctx, DType(dtype), x, preact, *layout, *weight, *bias, *running_mean,
+                                     *running_var, momentum, eps, Activation(activation), param, var);
+  });
+}
+
+const char* emu_train_backward(int dtype, const void* y, const void* dy, void* dx, const ChannelLayout* layout,
+                               const ChannelVector* var, const ChannelVector* weight, const ChannelVector* bias,
+                               double eps, int activation, double param, const ChannelOutput* dweight,
+                               const ChannelOutput* dbias) {
+  return guarded([&](const LaunchContext& ctx) {
+    inplace_abn::cuda::train_backward(ctx, DType(dtype), y, dy, dx, *layout, *var, *weight, *bias, eps,
+                                      Activation(activation), param, *dweight, *dbias);
   });
 }
 
