@@ -1,4 +1,5 @@
-"""The four In-Place ABN operators: one typed wrapper each, its fake kernel beside it.
+"""The In-Place ABN operators (four steps, and the training step in one call each way): one typed wrapper each,
+its fake kernel beside it.
 
 Each wrapper runs the native kernel for the tensor's device when the native library for that
 device is loaded, and the pure-PyTorch reference (same math, see reference.py) otherwise.
