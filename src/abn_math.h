@@ -45,10 +45,11 @@ template <typename T>
 using acc_type = typename AccumulateType<T>::type;
 
 // exp(x) - 1 for x <= 0 and log(x) for x > 0: what ELU and its inverse need. On the CPU the float
-// versions are branch-free polynomials (Cephes' range reductions; absolute error < 1e-7 for expm1,
-// relative error < 1e-7 for log on normal numbers) so that loops using them vectorize; elsewhere,
-// and for double, the standard functions. The polynomials use fused multiply-adds where the
-// instruction set has them (ELU results may then differ by an ulp from the portable build).
+// versions are branch-free polynomials so that loops using them vectorize; elsewhere, and for double,
+// the standard functions. Range reductions as Cephes' (x = n ln 2 + r; x = 2^k (1 + m)), polynomials
+// fitted by scripts/fit_polynomials.py, fewer terms than Cephes' for the same float accuracy: both are
+// within 1e-7 relative of the exact value (expm1 near 0 included). They use fused multiply-adds where
+// the instruction set has them (ELU results may then differ by an ulp from the portable build).
 namespace detail {
 
 #if defined(__FMA__) || (defined(_MSC_VER) && defined(__AVX2__))
@@ -61,52 +62,56 @@ inline float poly_step(float acc, float x, float c) {
 }
 #endif
 
-inline float bits_to_float(int32_t i) {
+inline float bits_to_float(uint32_t i) {
   float f;
   std::memcpy(&f, &i, sizeof f);
   return f;
 }
 
-inline int32_t float_to_bits(float f) {
-  int32_t i;
+inline uint32_t float_to_bits(float f) {
+  uint32_t i;
   std::memcpy(&i, &f, sizeof i);
   return i;
 }
 
+// x <= 0 (not NaN): expm1(x) = 2^n (1 + q) - 1 with q = expm1(r) = r + r^2 P(r), |r| <= ln(2) / 2. The
+// result is formed as 2^n q + (2^n - 1), exact for n = 0: relative accuracy is kept near x = 0.
 inline float cpu_expm1_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + shifter) - shifter;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // x - n * ln(2), in two parts
-  float p = 1.9875691500e-4f;
-  p = poly_step(p, r, 1.3981999507e-3f);
-  p = poly_step(p, r, 8.3334519073e-3f);
-  p = poly_step(p, r, 4.1665795894e-2f);
-  p = poly_step(p, r, 1.6666665459e-1f);
-  p = poly_step(p, r, 5.0000001201e-1f);
-  const float exp_r = p * r * r + r + 1.0f;
-  return exp_r * bits_to_float((static_cast<int32_t>(n) + 127) << 23) - 1.0f;
+  x = x < -87.0f ? -87.0f : x;  // n >= -126: 2^n stays a normal number
+  // t = 1.5 * 2^23 + 127 + n: adding the shifter rounds x / ln 2 to the integer n, which lands in the
+  // low mantissa bits of t as n + 127 (in [1, 127]); shifted into the exponent field, it is 2^n.
+  const float shifter = 12583039.0f;
+  const float t = poly_step(x, 1.44269504088896341f, shifter);
+  const float n = t - shifter;
+  float r = poly_step(n, -0.693359375f, x);  // x - n ln 2, ln 2 in two parts: n * 0.693359375 is exact
+  r = poly_step(n, 2.12194440e-4f, r);
+  const float scale = bits_to_float(float_to_bits(t) << 23);
+  float p = 1.388252131e-3f;
+  p = poly_step(p, r, 8.366520517e-3f);
+  p = poly_step(p, r, 4.166720062e-2f);
+  p = poly_step(p, r, 1.666654348e-1f);
+  p = poly_step(p, r, 4.999999702e-1f);
+  const float q = poly_step(r * r, p, r);
+  return poly_step(scale, q, scale - 1.0f);
 }
 
+// x > 0, normal (not NaN or inf): log(x) = k ln 2 + log1p(m), log1p(m) = m - m^2 / 2 + m^3 Q(m).
 inline float cpu_log_positive(float x) {
-  const int32_t bits = float_to_bits(x);
-  float e = static_cast<float>((bits >> 23) - 126);
-  float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);  // x = m * 2^e, m in [0.5, 1)
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1.0f : e;
-  m = small ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = poly_step(y, m, -1.1514610310e-1f);
-  y = poly_step(y, m, 1.1676998740e-1f);
-  y = poly_step(y, m, -1.2420140846e-1f);
-  y = poly_step(y, m, 1.4249322787e-1f);
-  y = poly_step(y, m, -1.6668057665e-1f);
-  y = poly_step(y, m, 2.0000714765e-1f);
-  y = poly_step(y, m, -2.4999993993e-1f);
-  y = poly_step(y, m, 3.3333331174e-1f);
-  y = y * m * z + e * -2.12194440e-4f - 0.5f * z;
-  return m + y + e * 0.693359375f;
+  // Offsetting the bits by those of sqrt(1/2) splits at sqrt(2): x = 2^k (1 + m), 1 + m in [sqrt(1/2), sqrt(2)).
+  const uint32_t bits = float_to_bits(x) + (0x3f800000u - 0x3f3504f3u);
+  const float k = static_cast<float>(static_cast<int32_t>(bits >> 23) - 0x7f);
+  const float m = bits_to_float((bits & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
+  const float m2 = m * m;
+  float q = 8.700430393e-2f;
+  q = poly_step(q, m, -1.426748633e-1f);
+  q = poly_step(q, m, 1.491476893e-1f);
+  q = poly_step(q, m, -1.657758504e-1f);
+  q = poly_step(q, m, 1.996306330e-1f);
+  q = poly_step(q, m, -2.500133812e-1f);
+  q = poly_step(q, m, 3.333390951e-1f);
+  float y = poly_step(m * m2, q, k * -2.12194440e-4f);  // k ln 2 in two parts, as in expm1
+  y = poly_step(m2, -0.5f, y);
+  return poly_step(k, 0.693359375f, m + y);
 }
 
 ABN_HOST_DEVICE float expm1_nonpositive(float x) {

@@ -130,6 +130,31 @@ def test_fused_backward_keeps_elu_z_exactly(shape, memory_format, dtype):
     assert torch.equal(dbias, s1.to(dtype)) and torch.equal(dweight, s2.to(dtype))
 
 
+def test_elu_polynomials_within_two_ulp_of_float64():
+    """ELU's float32 expm1 (forward) and log (the backward's inverse) are polynomials on the CPU. With z = x
+    (mean 0, variance 1, eps 0, no weight or bias) the forward gives expm1(z) within 2 ulp, relative, of
+    float64's on a sweep of z from -1e-38 to -90 (near 0 too, where expm1 - 1 would cancel). The backward
+    reduction of y with dy = 1, one value per channel, gives dz * z = (1 + y) * log(1 + y), whose log is
+    checked the same way against float64's log of the same float 1 + y."""
+    ops = torch.ops.inplace_abn
+    z = -torch.logspace(-38, torch.log10(torch.tensor(90.0)).item(), 200_000, dtype=torch.float64).float()
+    y = z.clone().reshape(-1, 1)
+    ops.normalize_act_(y, torch.zeros(1), torch.ones(1), None, None, 0.0, "elu", 1.0, None)
+    expected = torch.expm1(z.double())
+    error = ((y.flatten().double() - expected).abs() / expected.abs()).max().item()
+    assert error <= 2 * 2.0**-24 * 2, f"expm1: relative error {error:.3g}"  # 2 ulp of [0.5, 1)
+
+    y = y.flatten()[y.flatten() > -0.9999].reshape(1, -1)  # z >= log(1e-4): log(1 + y) away from the clamp
+    one_plus_y = (1 + y).double().flatten()
+    sum_dz, sum_dz_z = ops.backward_reduce(y, torch.ones_like(y), None, None, 0.0, "elu", 1.0)
+    assert torch.equal(sum_dz.double(), one_plus_y)
+    expected = one_plus_y * torch.log(one_plus_y)
+    exact_zero = expected == 0  # 1 + y rounded to 1
+    assert exact_zero.any() and (sum_dz_z[exact_zero] == 0).all()
+    error = ((sum_dz_z.double() - expected).abs() / expected.abs())[~exact_zero].max().item()
+    assert error <= 3 * 2.0**-24 * 2, f"log: relative error {error:.3g}"  # 2 ulp, and the product's rounding
+
+
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
 
