@@ -246,7 +246,13 @@ def _isa_results(isa: str, inputs: Path, tmp_path: Path) -> dict:
     output = tmp_path / f"{isa}.pt"
     env = dict(os.environ, INPLACE_ABN_CPU_ISA=isa)
     script = Path(__file__).with_name("isa_results.py")
-    subprocess.run([sys.executable, str(script), str(inputs), str(output)], env=env, check=True, timeout=300)
+    for attempt in range(3):
+        try:
+            subprocess.run([sys.executable, str(script), str(inputs), str(output)], env=env, check=True, timeout=300)
+            break
+        except OSError:  # the process did not start: Wine's CreateProcess fails now and then (WinError 1359)
+            if attempt == 2:
+                raise
     return torch.load(output)
 
 
